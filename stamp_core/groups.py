@@ -31,6 +31,7 @@ class ChannelGroup:
     name: str  #: name of the group's root conv (stable id used in PruneSpec)
     size: int  #: number of channels
     gate_modules: tuple[str, ...]  #: modules whose outputs get multiplied by the gate
+    norm_params_per_channel: int = 0  #: affine parameters of the group's norms per channel
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class LayerCost:
     c_out: int
     in_group: int  #: index into ``groups`` or -1 when the input channels are fixed
     out_group: int  #: index into ``groups`` or -1 when the output channels are fixed
+    weights_per_pair: int = 1  #: weights per (input, output) channel pair (kernel area / groups)
+    bias: bool = False
 
 
 class PrunableStructure:
@@ -53,6 +56,7 @@ class PrunableStructure:
         groups: Sequence[ChannelGroup],
         layers: Sequence[LayerCost],
         input_shape: tuple[int, int, int],
+        params_full: int | None = None,
     ) -> None:
         self.groups = list(groups)
         self.layers = list(layers)
@@ -65,7 +69,14 @@ class PrunableStructure:
         self._out_idx = torch.tensor([max(l.out_group, 0) for l in self.layers])
         self._in_var = torch.tensor([l.in_group >= 0 for l in self.layers])
         self._out_var = torch.tensor([l.out_group >= 0 for l in self.layers])
+        self._wpp = torch.tensor([l.weights_per_pair for l in self.layers], dtype=torch.float64)
+        self._bias = torch.tensor([float(l.bias) for l in self.layers], dtype=torch.float64)
+        self._norm_pc = torch.tensor([g.norm_params_per_channel for g in self.groups], dtype=torch.float64)
         self.macs_full = int(self.macs(self.group_sizes).item())
+        variable_full = int(self._variable_params(self.group_sizes).item())
+        # Parameters that no group scales (e.g. the classifier bias) are a constant offset.
+        self._params_fixed = 0 if params_full is None else params_full - variable_full
+        self.params_full = self._params_fixed + variable_full
 
     @property
     def num_groups(self) -> int:
@@ -77,10 +88,22 @@ class PrunableStructure:
 
     def macs(self, kept: torch.Tensor) -> torch.Tensor:
         """MACs when group ``g`` keeps ``kept[g]`` channels (float, differentiable, any dtype)."""
-        kept = kept.to(torch.float64) if not kept.requires_grad else kept.double()
+        c_in, c_out = self._in_out(kept)
+        return (self._coeff * c_in * c_out).sum()
+
+    def _in_out(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = kept.double()
         c_in = torch.where(self._in_var, kept[self._in_idx], self._in_full)
         c_out = torch.where(self._out_var, kept[self._out_idx], self._out_full)
-        return (self._coeff * c_in * c_out).sum()
+        return c_in, c_out
+
+    def _variable_params(self, kept: torch.Tensor) -> torch.Tensor:
+        c_in, c_out = self._in_out(kept)
+        return (self._wpp * c_in * c_out + self._bias * c_out).sum() + (self._norm_pc * kept.double()).sum()
+
+    def params(self, kept: torch.Tensor) -> int:
+        """Parameter count when group ``g`` keeps ``kept[g]`` channels."""
+        return int(self._params_fixed + self._variable_params(kept).item())
 
     def signature(self) -> list[list]:
         """JSON-able description used to check a spec or pruner matches an architecture."""
@@ -130,19 +153,23 @@ def analyze_structure(model: nn.Module, input_shape: tuple[int, int, int]) -> Pr
                     out_convs.append(name)
         # Gate after the norm when there is one, so a zero gate also zeroes the norm's bias.
         gates = norms if norms else out_convs
-        raw.append((names[root], size, sorted(set(gates), key=order.get), roles))
+        norm_params = sum(
+            2 for n in set(norms) if getattr(model.get_submodule(n), "weight", None) is not None
+        )
+        raw.append((names[root], size, sorted(set(gates), key=order.get), roles, norm_params))
 
     raw.sort(key=lambda r: order[r[0]])
-    groups = [ChannelGroup(name, size, tuple(gates)) for name, size, gates, _ in raw]
+    groups = [ChannelGroup(name, size, tuple(gates), norm_p) for name, size, gates, _, norm_p in raw]
     in_group: dict[str, int] = {}
     out_group: dict[str, int] = {}
-    for gi, (_, _, _, roles) in enumerate(raw):
+    for gi, (_, _, _, roles, _) in enumerate(raw):
         for name, role in roles.items():
             (out_group if role == "out" else in_group)[name] = gi
 
     layers = _trace_layer_costs(model, example, names, in_group, out_group)
     model.train(was_training)
-    return PrunableStructure(groups, layers, input_shape)
+    params_full = sum(p.numel() for p in model.parameters())
+    return PrunableStructure(groups, layers, input_shape, params_full)
 
 
 def _trace_layer_costs(
@@ -160,12 +187,15 @@ def _trace_layer_costs(
             k = module.kernel_size[0] * module.kernel_size[1]
             positions = output.shape[-1] * output.shape[-2]
             coeff = k * positions // module.groups
+            wpp = k // module.groups
             c_in, c_out = module.in_channels, module.out_channels
         else:
             coeff = int(output.numel() // output.shape[-1])  # rows per sample
+            wpp = 1
             c_in, c_out = module.in_features, module.out_features
         costs.append(
-            LayerCost(name, coeff, c_in, c_out, in_group.get(name, -1), out_group.get(name, -1))
+            LayerCost(name, coeff, c_in, c_out, in_group.get(name, -1), out_group.get(name, -1),
+                      wpp, module.bias is not None)
         )
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COSTED_LAYERS)]

@@ -1,0 +1,90 @@
+"""Budget-conditioned mask generator with Kumaraswamy posteriors over channel keep probabilities.
+
+For each prunable group the generator outputs per-channel Kumaraswamy(a, b) parameters of the keep
+probability ``pi`` (Beta-Bernoulli dropout, Lee et al. 2018), conditioned on the task embedding
+``s`` and the target MACs ratio ``r``. The prior is Beta(alpha, 1); small ``alpha`` favours
+dropping channels. The module-level functions are the closed forms the loss uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EULER_GAMMA = 0.5772156649015329
+_EPS = 1e-6
+
+#: Base parameters from the design: a = softplus(2.0) ~ 2.13, b = softplus(0.5413) ~ 1.0.
+A_UC_INIT = 2.0
+B_UC_INIT = 0.5413
+
+
+def kumaraswamy_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``E[pi] = b * B(1 + 1/a, b)`` for ``pi ~ Kumaraswamy(a, b)``."""
+    one_over_a = 1.0 / a
+    log_beta = torch.lgamma(1.0 + one_over_a) + torch.lgamma(b) - torch.lgamma(1.0 + one_over_a + b)
+    return b * torch.exp(log_beta)
+
+
+def kumaraswamy_sample(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Reparameterised sample by the inverse CDF ``pi = (1 - u^(1/b))^(1/a)``."""
+    if u is None:
+        u = torch.rand_like(a)
+    u = u.clamp(_EPS, 1.0 - _EPS)
+    return (1.0 - u.pow(1.0 / b)).clamp_min(_EPS).pow(1.0 / a).clamp(_EPS, 1.0 - _EPS)
+
+
+def kl_kumaraswamy_beta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Closed-form ``KL(Kumaraswamy(a, b) || Beta(alpha, 1))``, elementwise."""
+    return (
+        (1.0 - alpha / a) * (-EULER_GAMMA - torch.digamma(b) - 1.0 / b)
+        + torch.log(a * b)
+        - math.log(alpha)
+        - (b - 1.0) / b
+    )
+
+
+def relaxed_bernoulli(pi: torch.Tensor, temperature: float, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Concrete relaxation of ``Bernoulli(pi)``: differentiable gates in (0, 1)."""
+    if u is None:
+        u = torch.rand_like(pi)
+    u = u.clamp(_EPS, 1.0 - _EPS)
+    logits = torch.log(pi) - torch.log1p(-pi) + torch.log(u) - torch.log1p(-u)
+    return torch.sigmoid(logits / temperature)
+
+
+class MaskGenerator(nn.Module):
+    """``[s ; r]`` -> per-group Kumaraswamy parameters ``(a, b)``.
+
+    Args:
+        group_sizes: channels of each prunable group, in structure order.
+        embed_dim: width of the task embedding ``s``.
+        hidden_dim: width of the MLP trunk.
+    """
+
+    def __init__(self, group_sizes: list[int], embed_dim: int = 128, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.group_sizes = list(group_sizes)
+        self.trunk = nn.Sequential(
+            nn.Linear(embed_dim + 1, hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
+        )
+        self.heads = nn.ModuleList(nn.Linear(hidden_dim, 2 * c) for c in self.group_sizes)
+        for head in self.heads:
+            # Start at the base posterior; the heads learn task- and budget-specific offsets.
+            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.zeros_(head.bias)
+        self.a_uc = nn.ParameterList(nn.Parameter(torch.full((c,), A_UC_INIT)) for c in self.group_sizes)
+        self.b_uc = nn.ParameterList(nn.Parameter(torch.full((c,), B_UC_INIT)) for c in self.group_sizes)
+
+    def forward(self, embedding: torch.Tensor, macs_ratio: float | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        r = torch.as_tensor(macs_ratio, dtype=embedding.dtype, device=embedding.device).reshape(1)
+        h = self.trunk(torch.cat([embedding, r]))
+        params = []
+        for head, a_uc, b_uc in zip(self.heads, self.a_uc, self.b_uc):
+            da, db = head(h).chunk(2)
+            params.append((F.softplus(a_uc + da) + _EPS, F.softplus(b_uc + db) + _EPS))
+        return params

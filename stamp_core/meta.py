@@ -1,0 +1,188 @@
+"""One STAMP meta-training step on one episode (a small classification task with a budget).
+
+Loss per episode (DESIGN.md section 2)::
+
+    CE(f(x; theta, z), y) + kl_weight * sum KL(q(pi) || Beta(alpha, 1))
+                          + macs_weight * relu(E[MACs(z)] / MACs_full - r) ** 2
+
+``z`` are relaxed-Bernoulli gates drawn from the generator's Kumaraswamy posteriors; the task head
+is a cosine classifier initialised from the class prototypes of the gated backbone's features.
+With ``inner_steps > 0`` a copy of the backbone and head take a few SGD steps on one half of the
+training batch and the loss on the other half is back-propagated first-order (FOMAML).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stamp_core.mask_generator import kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
+from stamp_core.pruner import StampPruner
+
+
+@dataclass
+class Episode:
+    """One meta-learning task: a set for the encoder, a disjoint training batch and a budget."""
+
+    support_x: torch.Tensor  #: (S, C, H, W) prepared images, class-balanced
+    support_y: torch.Tensor  #: (S,) int64 in 0..K-1
+    query_x: torch.Tensor  #: (B, C, H, W) training batch, disjoint from the support set
+    query_y: torch.Tensor  #: (B,) int64 in 0..K-1
+    num_classes: int  #: K
+    macs_ratio: float  #: target budget r
+    dataset: str = ""  #: source dataset name (for logging)
+    classes: list[int] = field(default_factory=list)  #: original class ids in relabelled order
+
+    def to(self, device: torch.device | str) -> "Episode":
+        return Episode(self.support_x.to(device), self.support_y.to(device), self.query_x.to(device),
+                       self.query_y.to(device), self.num_classes, self.macs_ratio, self.dataset, self.classes)
+
+
+@dataclass
+class MetaConfig:
+    """Loss weights and options of meta-training."""
+
+    kl_weight: float = 1e-4  #: gamma; ~1/N for source tasks of N images
+    macs_weight: float = 20.0  #: lambda of the budget penalty
+    head_scale: float = 10.0  #: temperature of the cosine task head
+    inner_steps: int = 0  #: first-order inner-loop SGD steps (0 = off)
+    inner_lr: float = 0.01  #: inner-loop learning rate
+    label_free_prob: float = 0.0  #: chance of encoding an episode without labels
+
+
+def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Normalised class means ``(K, D)`` of ``features``: the initial task head."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).unsqueeze(1)
+    return F.normalize(sums / counts, dim=1)
+
+
+def _cosine_logits(features: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * F.normalize(features, dim=1) @ F.normalize(head, dim=1).T
+
+
+def sample_gates(pruner: StampPruner, params: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    temperature = pruner.config.temperature
+    return [relaxed_bernoulli(kumaraswamy_sample(a, b), temperature) for a, b in params]
+
+
+def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one episode and its parts; gradients reach encoder, generator and backbone.
+
+    With ``cfg.inner_steps > 0`` the returned loss is that of an adapted *copy* of the backbone:
+    call :func:`apply_first_order_grads` after ``backward()`` (``meta_train_step`` does).
+    """
+    k = episode.num_classes
+    feats = pruner.extract_features(episode.support_x)
+    use_labels = cfg.label_free_prob <= 0 or torch.rand(()) >= cfg.label_free_prob
+    embedding = pruner.embed(feats, episode.support_y if use_labels else None)
+    params = pruner.generator(embedding, episode.macs_ratio)
+    gates = sample_gates(pruner, params)
+
+    net = pruner.backbone
+    net.train()
+    with torch.no_grad(), pruner.gates.apply([z.detach() for z in gates]):
+        head_init = prototype_head(net.features(episode.support_x), episode.support_y, k)
+    head = head_init.clone().requires_grad_(True)
+
+    qx, qy = episode.query_x, episode.query_y
+    if cfg.inner_steps > 0:
+        net, head, qx, qy = _inner_adapt(pruner, net, head, gates, qx, qy, cfg)
+    with pruner.gates.apply(gates):
+        logits = _cosine_logits(net.features(qx), head, cfg.head_scale)
+    ce = F.cross_entropy(logits, qy)
+
+    kl = sum(kl_kumaraswamy_beta(a, b, pruner.config.prior_alpha).sum() for a, b in params)
+    expected_keep = torch.stack([kumaraswamy_mean(a, b).sum() for a, b in params])
+    ratio = pruner.structure.macs(expected_keep).float() / pruner.structure.macs_full
+    penalty = F.relu(ratio - episode.macs_ratio) ** 2
+    loss = ce + cfg.kl_weight * kl + cfg.macs_weight * penalty
+    parts = {
+        "loss": float(loss.detach()),
+        "ce": float(ce.detach()),
+        "kl": float(kl.detach()),
+        "macs_penalty": float(penalty.detach()),
+        "expected_macs_ratio": float(ratio.detach()),
+        "target_macs_ratio": float(episode.macs_ratio),
+        "accuracy": float((logits.argmax(1) == qy).float().mean()),
+    }
+    pruner._adapted = net if net is not pruner.backbone else None  # for first-order gradients
+    return loss, parts
+
+
+def _inner_adapt(
+    pruner: StampPruner,
+    net: nn.Module,
+    head: torch.Tensor,
+    gates: list[torch.Tensor],
+    qx: torch.Tensor,
+    qy: torch.Tensor,
+    cfg: MetaConfig,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SGD on a copy of backbone + head with fixed gates, on the first half of the batch."""
+    half = max(1, len(qx) // 2)
+    fast = copy.deepcopy(net)  # the gate hooks are shared functions, so the copy is gated too
+    fast_head = head.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([*fast.parameters(), fast_head], lr=cfg.inner_lr)
+    fixed = [z.detach() for z in gates]
+    for _ in range(cfg.inner_steps):
+        with pruner.gates.apply(fixed):
+            loss = F.cross_entropy(_cosine_logits(fast.features(qx[:half]), fast_head, cfg.head_scale), qy[:half])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if half < len(qx):
+        qx, qy = qx[half:], qy[half:]
+    return fast, fast_head, qx, qy
+
+
+def apply_first_order_grads(pruner: StampPruner) -> None:
+    """Move the adapted copy's gradients onto the backbone (first-order MAML)."""
+    fast = getattr(pruner, "_adapted", None)
+    if fast is None:
+        return
+    for p, fp in zip(pruner.backbone.parameters(), fast.parameters()):
+        if fp.grad is not None:
+            p.grad = fp.grad.clone() if p.grad is None else p.grad + fp.grad
+    pruner._adapted = None
+
+
+def make_optimizer(pruner: StampPruner, lr: float = 1e-3, backbone_lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam over encoder + generator (``lr``) and backbone (``backbone_lr``)."""
+    return torch.optim.Adam(
+        [
+            {"params": [*pruner.encoder.parameters(), *pruner.generator.parameters()], "lr": lr},
+            {"params": list(pruner.backbone.parameters()), "lr": backbone_lr},
+        ],
+        weight_decay=weight_decay,
+    )
+
+
+def meta_train_step(
+    pruner: StampPruner,
+    episode: Episode,
+    optimizer: torch.optim.Optimizer,
+    cfg: MetaConfig | None = None,
+    grad_hook: "callable | None" = None,
+) -> dict[str, float]:
+    """Compute the episode loss, back-propagate and update; returns the loss parts.
+
+    Args:
+        grad_hook: called after backward and before the update (e.g. to all-reduce gradients
+            across data-parallel workers).
+    """
+    cfg = cfg or MetaConfig()
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = episode_loss(pruner, episode, cfg)
+    loss.backward()
+    apply_first_order_grads(pruner)
+    if grad_hook is not None:
+        grad_hook(pruner)
+    torch.nn.utils.clip_grad_norm_(pruner.parameters(), 5.0)
+    optimizer.step()
+    return parts

@@ -1,0 +1,304 @@
+"""StampPruner: set encoder + mask generator + shared backbone, and one-pass pruning of a new task.
+
+``StampPruner.generate(images, labels, macs_ratio=r)`` reads a sample of a dataset and returns the
+:class:`~stamp_core.spec.PruneSpec` of a pruned backbone whose real MACs are at most ``r`` of the
+full network's and as close to it as the channel granularity allows. It costs one forward pass of
+the sample through the backbone plus a few milliseconds: the budget is met by ranking every
+channel's expected keep probability and moving one global threshold over an exact MACs model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config
+from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure
+from stamp_core.mask_generator import MaskGenerator, kumaraswamy_mean
+from stamp_core.set_encoder import SetEncoder
+from stamp_core.spec import PruneSpec
+
+__version__ = "0.1.0"
+
+_CONFIG_FILE = "pruner.json"
+_WEIGHTS_FILE = "pruner_state_dict.pt"
+
+
+@dataclass
+class PrunerConfig:
+    """Architecture of a StampPruner; saved as JSON next to its state_dict."""
+
+    backbone: dict[str, Any]  #: backbone config (see ``Backbone.config``)
+    image_size: int = 32  #: side of the square inputs the MACs budget refers to
+    embed_dim: int = 128  #: width of the task embedding and attention blocks
+    num_heads: int = 4  #: attention heads in the set encoder
+    num_inducing: int = 32  #: inducing points of each ISAB
+    hidden_dim: int = 256  #: width of the mask generator's trunk
+    prior_alpha: float = 1e-4  #: Beta(alpha, 1) prior on keep probabilities
+    temperature: float = 0.1  #: relaxed Bernoulli temperature during meta-training
+    support_per_class: int = 20  #: images per class the encoder reads
+    max_support: int = 400  #: cap on the encoder's set size
+    version: str = __version__
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class StampPruner(nn.Module):
+    """Meta-learned pruner of one backbone architecture.
+
+    Args:
+        config: architecture; ``config.backbone`` names the backbone.
+        backbone: optional backbone instance (e.g. pretrained); built from the config if omitted.
+    """
+
+    def __init__(self, config: PrunerConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone_from_config(config.backbone)
+        if backbone is not None:
+            config.backbone = dict(backbone.config)
+        self.input_shape = (self.backbone.in_channels, config.image_size, config.image_size)
+        self.structure: PrunableStructure = analyze_structure(self.backbone, self.input_shape)
+        self.encoder = SetEncoder(self.backbone.feature_dim, config.embed_dim, config.num_heads, config.num_inducing)
+        self.generator = MaskGenerator([g.size for g in self.structure.groups], config.embed_dim, config.hidden_dim)
+        self.gates = ChannelGates(self.backbone, self.structure)
+
+    @classmethod
+    def create(cls, backbone: str | Backbone, num_classes: int = 10, image_size: int = 32, **kwargs: Any) -> "StampPruner":
+        """Build a pruner for a backbone name (fresh weights) or an existing backbone."""
+        if isinstance(backbone, str):
+            backbone = build_backbone(backbone, num_classes)
+        return cls(PrunerConfig(backbone=dict(backbone.config), image_size=image_size, **kwargs), backbone)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.name for g in self.structure.groups]
+
+    # ------------------------------------------------------------------ inputs
+    def check_images(self, images: torch.Tensor | np.ndarray, labels: Sequence[int] | torch.Tensor | np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate a set for the encoder; returns ``(images, labels)`` as tensors.
+
+        Raises ``ValueError`` naming what was wrong and what is expected.
+        """
+        expected = f"float images of shape (N, {self.backbone.in_channels}, H, W), H and W >= {MIN_IMAGE_SIZE}"
+        if not isinstance(images, (torch.Tensor, np.ndarray)):
+            raise ValueError(f"images is a {type(images).__name__}: expected {expected}")
+        x = torch.as_tensor(images)
+        if x.ndim != 4:
+            raise ValueError(f"images have shape {tuple(x.shape)}: expected {expected}")
+        if x.shape[0] == 0:
+            raise ValueError("the image set is empty: expected at least one image (20 per class is typical)")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"images have dtype {x.dtype}: expected {expected}; "
+                "convert raw pixels with stamp_core.prepare_images"
+            )
+        if x.shape[1] != self.backbone.in_channels:
+            raise ValueError(f"images have {x.shape[1]} channels: expected {expected}")
+        if min(x.shape[2], x.shape[3]) < MIN_IMAGE_SIZE:
+            raise ValueError(f"images are {x.shape[2]}x{x.shape[3]} pixels: expected {expected}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or inf values: expected finite pixels")
+        x = x.float()
+        if labels is None:
+            return x, None
+        y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"labels have shape {tuple(y.shape)} but there are {x.shape[0]} images: "
+                "expected one integer label per image"
+            )
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            raise ValueError(f"labels have dtype {y.dtype}: expected integer class ids")
+        if (y < 0).any():
+            raise ValueError("labels contain negative values: expected class ids >= 0")
+        return x, y.long()
+
+    def select_support(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Indices of a deterministic class-balanced subset of at most ``max_support`` images."""
+        cap = self.config.max_support
+        if n <= cap:
+            return torch.arange(n)
+        if labels is None:
+            return torch.linspace(0, n - 1, cap).round().long()
+        classes = torch.unique(labels)
+        per_class = max(1, min(self.config.support_per_class, cap // len(classes)))
+        picked = [torch.nonzero(labels == c).flatten()[:per_class] for c in classes]
+        return torch.cat(picked)[:cap].sort().values
+
+    # ------------------------------------------------------------------ forward pieces
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Pooled penultimate features of the ungated backbone in eval mode."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with self.gates.apply(None):
+                return torch.cat([self.backbone.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        finally:
+            self.backbone.train(was_training)
+
+    def embed(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.encoder(features, labels)
+
+    def keep_probabilities(self, embedding: torch.Tensor, macs_ratio: float) -> list[torch.Tensor]:
+        """Deterministic per-channel ``E[pi]`` for each group."""
+        return [kumaraswamy_mean(a, b) for a, b in self.generator(embedding, macs_ratio)]
+
+    # ------------------------------------------------------------------ meta-test
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor | np.ndarray,
+        labels: Sequence[int] | torch.Tensor | np.ndarray | None = None,
+        macs_ratio: float = 0.5,
+        round_to: int = 1,
+        embedding: torch.Tensor | None = None,
+    ) -> PruneSpec:
+        """Prune for the task the sample comes from.
+
+        Args:
+            images: the task's sample, prepared with ``prepare_images`` ((N, C, H, W) floats).
+            labels: class ids per image (two-level pooling) or None (label-free pooling).
+            macs_ratio: budget ``r`` in (0, 1]: real MACs of the pruned net <= r * full.
+            round_to: keep a multiple of this many channels per group (hardware-friendly widths).
+            embedding: use this task embedding instead of the one of ``images`` (ablations).
+        """
+        r = _check_ratio(macs_ratio)
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to={round_to!r}: expected a positive integer")
+        x, y = self.check_images(images, labels)
+        was_training = self.training
+        self.eval()
+        try:
+            if embedding is None:
+                idx = self.select_support(y, len(x))
+                embedding = self.embed(self.extract_features(x[idx]), None if y is None else y[idx])
+            probs = self.keep_probabilities(embedding, r)
+        finally:
+            self.train(was_training)
+        kept = calibrate_masks(probs, self.structure, r, round_to)
+        counts = torch.tensor([len(k) for k in kept], dtype=torch.float64)
+        return PruneSpec(
+            backbone={k: v for k, v in self.backbone.config.items()},
+            input_shape=self.input_shape,
+            kept={name: k for name, k in zip(self.group_names, kept)},
+            group_sizes={g.name: g.size for g in self.structure.groups},
+            macs_full=self.structure.macs_full,
+            macs_pruned=int(self.structure.macs(counts).item()),
+            params_full=self.structure.params_full,
+            params_pruned=self.structure.params(counts),
+            macs_ratio_target=r,
+            pruner_version=self.config.version,
+        )
+
+    def build_pruned(self, spec: PruneSpec, num_classes: int | None = None) -> Backbone:
+        """The pruner's backbone weights, physically pruned by ``spec``; new classifier if asked."""
+        model = build_backbone_from_config(self.backbone.config)
+        model.load_state_dict(self.backbone.state_dict())
+        spec.apply(model)
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+        return model
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``pruner.json`` (config) and ``pruner_state_dict.pt`` (weights) to ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        cfg["structure"] = self.structure.signature()
+        _atomic_write(d / _CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        tmp = d / f".{_WEIGHTS_FILE}.tmp"
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(d / _WEIGHTS_FILE)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "StampPruner":
+        """Rebuild a saved pruner; weights are loaded with ``weights_only=True``."""
+        d = Path(directory)
+        if not (d / _CONFIG_FILE).is_file() or not (d / _WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{d} is not a saved StampPruner: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
+        cfg = json.loads((d / _CONFIG_FILE).read_text())
+        signature = cfg.pop("structure", None)
+        pruner = cls(PrunerConfig(**cfg))
+        if signature is not None and signature != pruner.structure.signature():
+            raise ValueError(f"{d}: saved group structure does not match backbone {cfg['backbone']}")
+        state = torch.load(d / _WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        pruner.load_state_dict(state)
+        return pruner
+
+
+def calibrate_masks(
+    probs: Sequence[torch.Tensor],
+    structure: PrunableStructure,
+    macs_ratio: float,
+    round_to: int = 1,
+) -> list[list[int]]:
+    """Kept channel indices per group for the largest global top-M whose MACs fit the budget.
+
+    Channels are ranked by keep probability across all groups (ties: by relative position in
+    their group, so equal scores prune groups evenly). Taking the top M of that ranking is one
+    global threshold; M is found by bisection on the exact MACs model, which is monotone in M.
+    Every group keeps at least one channel (``round_to`` of them when rounding).
+    """
+    sizes = [len(p) for p in probs]
+    scores = torch.cat([p.detach().double().flatten() for p in probs]).numpy()
+    group_of = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])
+    rel_pos = np.concatenate([np.arange(n) / n for n in sizes])
+    order = np.lexsort((rel_pos, -scores))  # primary: score desc; secondary: relative position
+    ranked_groups = group_of[order]
+    budget = macs_ratio * structure.macs_full
+    size_arr = np.array(sizes)
+
+    def counts_for(m: int) -> torch.Tensor:
+        c = np.bincount(ranked_groups[:m], minlength=len(sizes))
+        c = np.minimum(np.maximum(c, 1), size_arr)
+        if round_to > 1:
+            c = np.minimum(np.ceil(c / round_to) * round_to, size_arr)
+        return torch.from_numpy(c.astype(np.float64))
+
+    if structure.macs(counts_for(0)).item() > budget:
+        floor = structure.macs(counts_for(0)).item() / structure.macs_full
+        raise ValueError(
+            f"macs_ratio={macs_ratio} is below the smallest reachable ratio {floor:.4f} for this "
+            f"backbone (one channel per group, round_to={round_to}): choose a larger budget"
+        )
+    lo, hi = 0, len(scores)
+    while lo < hi:  # largest m with macs(m) <= budget
+        mid = (lo + hi + 1) // 2
+        if structure.macs(counts_for(mid)).item() <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    counts = counts_for(lo).long().tolist()
+    kept = []
+    offset = 0
+    for g, n in enumerate(sizes):
+        local = np.lexsort((np.arange(n), -scores[offset:offset + n]))[: counts[g]]
+        kept.append(sorted(int(i) for i in local))
+        offset += n
+    return kept
+
+
+def _check_ratio(macs_ratio: float) -> float:
+    try:
+        r = float(macs_ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"macs_ratio={macs_ratio!r}: expected a number in (0, 1]") from None
+    if not (0.0 < r <= 1.0) or not np.isfinite(r):
+        raise ValueError(f"macs_ratio={macs_ratio!r}: expected a number in (0, 1]")
+    return r
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -1,0 +1,131 @@
+"""Plain supervised training used by reference pretraining and by the post-pruning fine-tune.
+
+Inputs are prepared tensors (see ``prepare_images``) already in memory: both the pretrain job and
+``stamp prune`` load their (small) datasets first, so this stays a tight loop with no data plumbing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stamp_core.backbones import Backbone
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of supervised training (SGD + momentum, cosine schedule)."""
+
+    epochs: int = 5  #: passes over the data
+    batch_size: int = 128  #: images per step
+    lr: float = 0.05  #: peak learning rate
+    momentum: float = 0.9  #: SGD momentum
+    weight_decay: float = 5e-4  #: L2 penalty
+    augment: bool = True  #: random 2-px shifts (no flips: digits and glyphs are not symmetric)
+    seed: int = 0  #: shuffling and augmentation seed
+
+
+def _random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` on ``(x, y)``; returns one record per epoch (loss, accuracy, seconds)."""
+    cfg = cfg or TrainConfig()
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"got {len(x)} images and {len(y)} labels: expected the same, non-zero count")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    steps_per_epoch = max(1, (len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    history = []
+    model.train()
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x), generator=gen)
+        total_loss, correct = 0.0, 0
+        for i in range(0, len(x), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            if cfg.augment:
+                xb = _random_shift(xb, 2, gen)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        record = {"epoch": epoch + 1, "loss": total_loss / len(x), "accuracy": correct / len(x),
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in eval mode."""
+    if len(x) == 0:
+        raise ValueError("cannot evaluate on an empty set")
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    model.train(was_training)
+    return correct / len(x)
+
+
+@torch.no_grad()
+def init_classifier_from_prototypes(model: Backbone, x: torch.Tensor, y: torch.Tensor, scale: float = 10.0) -> None:
+    """Set the linear classifier to scaled normalised class means of the features (no training).
+
+    Logits become ``scale * |f| / mean|f| * cos(f, prototype)``, the cosine head of meta-training.
+    """
+    was_training = model.training
+    model.eval()
+    feats = torch.cat([model.features(x[i:i + 256]) for i in range(0, len(x), 256)])
+    model.train(was_training)
+    k = model.classifier.out_features
+    if int(y.max()) >= k:
+        raise ValueError(f"labels go up to {int(y.max())} but the classifier has {k} outputs")
+    sums = torch.zeros(k, feats.shape[1]).index_add_(0, y, feats)
+    counts = torch.bincount(y, minlength=k).clamp_min(1).unsqueeze(1).float()
+    protos = F.normalize(sums / counts, dim=1)
+    norm = feats.norm(dim=1).mean().clamp_min(1e-6)
+    model.classifier.weight.copy_(protos * scale / norm)
+    model.classifier.bias.zero_()
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int, repeats: int = 10, warmup: int = 3) -> float:
+    """Median seconds of one forward pass of ``batch_size`` images (eval mode, current threads)."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    times.sort()
+    return times[len(times) // 2]
