@@ -19,6 +19,7 @@ _EPS = 1e-6
 
 #: Base parameters from the design: a = softplus(2.0) ~ 2.13, b = softplus(0.5413) ~ 1.0.
 A_UC_INIT = 2.0
+_BUDGET_DIM = 32
 B_UC_INIT = 0.5413
 
 
@@ -57,7 +58,7 @@ def relaxed_bernoulli(pi: torch.Tensor, temperature: float, u: torch.Tensor | No
 
 
 class MaskGenerator(nn.Module):
-    """``[s ; r]`` -> per-group Kumaraswamy parameters ``(a, b)``.
+    """``[LN(s) ; phi(r)]`` -> per-group Kumaraswamy parameters ``(a, b)``.
 
     Args:
         group_sizes: channels of each prunable group, in structure order.
@@ -68,21 +69,26 @@ class MaskGenerator(nn.Module):
     def __init__(self, group_sizes: list[int], embed_dim: int = 128, hidden_dim: int = 256) -> None:
         super().__init__()
         self.group_sizes = list(group_sizes)
+        # The embedding is normalised and the budget gets its own features, so neither input's
+        # scale can drown the other: the generator must stay sensitive to both task and budget.
+        self.embed_norm = nn.LayerNorm(embed_dim)
+        self.budget = nn.Sequential(nn.Linear(1, _BUDGET_DIM), nn.ReLU(inplace=True))
         self.trunk = nn.Sequential(
-            nn.Linear(embed_dim + 1, hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(embed_dim + _BUDGET_DIM, hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
         )
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, 2 * c) for c in self.group_sizes)
         for head in self.heads:
-            # Start at the base posterior; the heads learn task- and budget-specific offsets.
-            nn.init.normal_(head.weight, std=1e-3)
+            # Start near the base posterior, but not at it: heads that output exactly zero pass
+            # no gradient back to the trunk and the set encoder, which then never learn.
+            head.weight.data.mul_(0.1)
             nn.init.zeros_(head.bias)
         self.a_uc = nn.ParameterList(nn.Parameter(torch.full((c,), A_UC_INIT)) for c in self.group_sizes)
         self.b_uc = nn.ParameterList(nn.Parameter(torch.full((c,), B_UC_INIT)) for c in self.group_sizes)
 
     def forward(self, embedding: torch.Tensor, macs_ratio: float | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         r = torch.as_tensor(macs_ratio, dtype=embedding.dtype, device=embedding.device).reshape(1)
-        h = self.trunk(torch.cat([embedding, r]))
+        h = self.trunk(torch.cat([self.embed_norm(embedding), self.budget((r - 0.5) * 4.0)]))
         params = []
         for head, a_uc, b_uc in zip(self.heads, self.a_uc, self.b_uc):
             da, db = head(h).chunk(2)

@@ -52,6 +52,14 @@ class MetaConfig:
     inner_steps: int = 0  #: first-order inner-loop SGD steps (0 = off)
     inner_lr: float = 0.01  #: inner-loop learning rate
     label_free_prob: float = 0.0  #: chance of encoding an episode without labels
+    #: "two_sided" penalises any gap between expected and target MACs ratio, so the masks seen in
+    #: training have the budget they will be calibrated to at test time; "upper" is the paper's
+    #: relu(E[MACs]/full - r)^2, under which the KL term alone decides how far below r to go.
+    budget_penalty: str = "two_sided"
+
+    def __post_init__(self) -> None:
+        if self.budget_penalty not in ("two_sided", "upper"):
+            raise ValueError(f"budget_penalty={self.budget_penalty!r}: expected 'two_sided' or 'upper'")
 
 
 def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -100,7 +108,8 @@ def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tupl
     kl = sum(kl_kumaraswamy_beta(a, b, pruner.config.prior_alpha).sum() for a, b in params)
     expected_keep = torch.stack([kumaraswamy_mean(a, b).sum() for a, b in params])
     ratio = pruner.structure.macs(expected_keep).float() / pruner.structure.macs_full
-    penalty = F.relu(ratio - episode.macs_ratio) ** 2
+    gap = ratio - episode.macs_ratio
+    penalty = gap**2 if cfg.budget_penalty == "two_sided" else F.relu(gap) ** 2
     loss = ce + cfg.kl_weight * kl + cfg.macs_weight * penalty
     parts = {
         "loss": float(loss.detach()),

@@ -58,11 +58,10 @@ def prepare_images(
             )
     else:
         raise ValueError(f"images have dtype {x.dtype}: expected uint8 or a float type")
-    if x.shape[1] != channels:
-        if x.shape[1] == 1:
-            x = x.expand(-1, channels, -1, -1)
-        else:
-            raise ValueError(f"images have {x.shape[1]} channels: the backbone expects {channels}")
+    if x.shape[1] != channels and x.shape[1] != 1:
+        raise ValueError(f"images have {x.shape[1]} channels: the backbone expects {channels}")
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if x.shape[1] != channels:  # grayscale: repeat after resizing, a third of the work
+        x = x.expand(-1, channels, -1, -1)
     return ((x - PIXEL_MEAN) / PIXEL_STD).contiguous()

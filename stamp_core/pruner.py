@@ -70,10 +70,20 @@ class StampPruner(nn.Module):
         self.gates = ChannelGates(self.backbone, self.structure)
 
     @classmethod
-    def create(cls, backbone: str | Backbone, num_classes: int = 10, image_size: int = 32, **kwargs: Any) -> "StampPruner":
-        """Build a pruner for a backbone name (fresh weights) or an existing backbone."""
+    def create(
+        cls,
+        backbone: str | Backbone,
+        num_classes: int = 10,
+        image_size: int = 32,
+        backbone_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "StampPruner":
+        """Build a pruner for a backbone name (fresh weights) or an existing backbone.
+
+        ``backbone_kwargs`` go to ``build_backbone``; other ``kwargs`` are PrunerConfig fields.
+        """
         if isinstance(backbone, str):
-            backbone = build_backbone(backbone, num_classes)
+            backbone = build_backbone(backbone, num_classes, **(backbone_kwargs or {}))
         return cls(PrunerConfig(backbone=dict(backbone.config), image_size=image_size, **kwargs), backbone)
 
     @property

@@ -9,39 +9,54 @@ Classes of unequal size are padded and masked out of attention.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 class MAB(nn.Module):
-    """Multihead attention block: ``H = LN(Q' + Attn(Q', K, V)); out = LN(H + rFF(H))``."""
+    """Multihead attention block, pre-norm: ``H = Q' + Attn(LN(Q'), LN(K)); out = H + rFF(LN(H))``.
+
+    The reference Set Transformer normalises after each residual (post-norm). Post-norm squashed
+    the difference between sets under the constant learned seeds in our meta-training runs, so the
+    task embedding barely depended on the task; pre-norm keeps that difference in the residual
+    stream while every sub-layer still sees normalised inputs.
+    """
 
     def __init__(self, dim_q: int, dim_k: int, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.ln_q = nn.LayerNorm(dim_q)
+        self.ln_k = nn.LayerNorm(dim_k)
         self.fc_q = nn.Linear(dim_q, dim)
+        self.res_q = nn.Linear(dim_q, dim) if dim_q != dim else nn.Identity()
         self.fc_k = nn.Linear(dim_k, dim)
         self.fc_v = nn.Linear(dim_k, dim)
+        self.ln_o = nn.LayerNorm(dim)
         self.fc_o = nn.Linear(dim, dim)
-        self.ln0 = nn.LayerNorm(dim)
-        self.ln1 = nn.LayerNorm(dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``q`` (B, Nq, dq), ``k`` (B, Nk, dk), ``key_mask`` (B, Nk) bool, True = real element."""
-        qp = self.fc_q(q)
+        qp = self.fc_q(self.ln_q(q))
+        kn = self.ln_k(k)
         b, nq, d = qp.shape
         h = self.num_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, t.shape[1], h, d // h).transpose(1, 2)
 
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        att = F.scaled_dot_product_attention(split(qp), split(self.fc_k(k)), split(self.fc_v(k)), attn_mask=mask)
-        out = self.ln0(qp + att.transpose(1, 2).reshape(b, nq, d))
-        return self.ln1(out + F.relu(self.fc_o(out)))
+        # Explicit softmax attention: sets are small, and torch's fused CPU kernel returned NaN
+        # gradients for some inputs during meta-training (torch 2.13).
+        scores = split(qp) @ split(self.fc_k(kn)).transpose(-1, -2) / math.sqrt(d // h)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        att = torch.softmax(scores, dim=-1) @ split(self.fc_v(kn))
+        out = self.res_q(q) + att.transpose(1, 2).reshape(b, nq, d)
+        return out + F.relu(self.fc_o(self.ln_o(out)))
 
 
 class SAB(nn.Module):

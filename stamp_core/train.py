@@ -69,7 +69,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
         record = {"epoch": epoch + 1, "loss": total_loss / len(x), "accuracy": correct / len(x),
                   "seconds": time.perf_counter() - t0}

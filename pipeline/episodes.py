@@ -1,0 +1,707 @@
+"""Streaming reads of catalogued shards and the meta-training episode sampler.
+
+Two layers:
+
+* :class:`SampleStream` reads one split of one dataset as a WebDataset pipeline: an explicit
+  shard assignment (shard ``i`` goes to global worker ``i % (world_size * num_workers)``), tar
+  parsing with webdataset's iterators over ``webdataset.gopen`` (``s3://`` through the boto3
+  opener registered by :mod:`pipeline.s3`), and a decode stage. Corrupt or missing shards,
+  undecodable images, samples without ``cls`` and out-of-range labels are skipped and counted in
+  ``stats``; when the unusable share passes ``max_bad_fraction`` it raises
+  :class:`DataQualityError` naming the bad shards.
+* :class:`EpisodeSampler` keeps one class-bucketed buffer per source dataset, fed from resampled
+  streams, and turns it into class-balanced few-shot :class:`Episode` s, exactly
+  ``steps_per_epoch`` per epoch on every rank so DDP never waits on a rank that ran dry.
+
+:func:`iter_samples` and :func:`load_split_arrays` read a split back in shard order (round trips,
+pretraining).
+
+When there are fewer shards than global workers, every worker reads every shard but keeps only
+the samples at positions ``p`` with ``p % G == g`` (sample-level striding): no overlap, at the cost
+of each worker parsing all the tar bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import random
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import botocore.exceptions as bexc
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline import s3
+from pipeline.catalog import Catalog, CatalogEntry
+from stamp_core.preprocess import prepare_images
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "samples_ok",
+    "skipped_corrupt_shard",
+    "skipped_bad_image",
+    "skipped_missing_cls",
+    "skipped_bad_label",
+)
+_IMAGE_EXTS = ("png", "jpg", "jpeg")
+_WARN_PER_SHARD = 3
+
+
+class DataQualityError(RuntimeError):
+    """Too much of a dataset is unusable (corrupt shards or bad samples); the message names the shards."""
+
+
+try:
+    from stamp_core import Episode  # type: ignore[attr-defined]
+except (ImportError, AttributeError):
+
+    @dataclass
+    class Episode:  # type: ignore[no-redef]
+        """One meta-training task: a class-balanced support set and a disjoint query batch."""
+
+        support_x: torch.Tensor  # (S, 3, H, W) float from prepare_images, class-balanced
+        support_y: torch.Tensor  # (S,) int64 in 0..K-1
+        query_x: torch.Tensor  # (B, 3, H, W) training batch, disjoint from support
+        query_y: torch.Tensor  # (B,) int64 in 0..K-1
+        num_classes: int  # K
+        macs_ratio: float  # r ~ U[r_min, r_max]
+        dataset: str  # source dataset name
+        classes: list[int]  # original class ids, in relabelled order
+
+
+class Sample(NamedTuple):
+    """A decoded sample: uint8 ``(H, W, C)`` pixels, label, and a key unique within its split."""
+
+    image: np.ndarray
+    label: int
+    key: str
+
+
+@dataclass(frozen=True)
+class ShardAssignment:
+    """Which shards a global worker reads, and which sample positions in them it keeps."""
+
+    shards: tuple[int, ...]
+    stride: int
+    offset: int
+
+    def keeps(self, position: int) -> bool:
+        return position % self.stride == self.offset
+
+    def expected(self, samples_in_shard: int) -> int:
+        """How many samples of a shard of that size this worker keeps."""
+        return len(range(self.offset, samples_in_shard, self.stride))
+
+
+def assign_shards(
+    num_shards: int, rank: int = 0, world_size: int = 1, worker_id: int = 0, num_workers: int = 1
+) -> ShardAssignment:
+    """Deterministic, non-overlapping split of shards over ``world_size * num_workers`` global workers.
+
+    Shard ``i`` goes to global worker ``i % G`` (``g = rank * num_workers + worker_id``). With
+    fewer shards than workers every worker gets every shard and keeps sample positions ``p % G == g``.
+    """
+    if world_size < 1 or num_workers < 1:
+        raise ValueError(f"world_size ({world_size}) and num_workers ({num_workers}) must be >= 1")
+    if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
+        raise ValueError(
+            f"rank {rank} / worker {worker_id} out of range for world_size {world_size} / num_workers {num_workers}"
+        )
+    total = world_size * num_workers
+    gid = rank * num_workers + worker_id
+    if num_shards >= total:
+        return ShardAssignment(tuple(i for i in range(num_shards) if i % total == gid), 1, 0)
+    return ShardAssignment(tuple(range(num_shards)), total, gid)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def new_stats() -> dict[str, float]:
+    """Zeroed counters: the :data:`STAT_KEYS` plus ``shards_read``."""
+    stats: dict[str, float] = {k: 0 for k in STAT_KEYS}
+    stats["shards_read"] = 0
+    return stats
+
+
+class SampleStream(IterableDataset):
+    """One split of one catalogued dataset as a stream of :class:`Sample`, split across ranks/workers.
+
+    Args:
+        entry: the dataset's catalog entry.
+        split: which split to read.
+        resampled: False reads each assigned shard once, in order; True draws assigned shards at
+            random with replacement forever (training streams).
+        rank, world_size: this process's place in the job.
+        seed: seed for shard resampling.
+        verify_sha256: download each shard whole and check its sha256 against the catalog first.
+        max_bad_fraction: raise DataQualityError when unusable samples (bad samples plus the
+            samples of shards that could not be read) exceed this share of everything seen.
+        min_samples_for_check: the share is only judged after this many samples (and always at
+            the end of a one-pass read).
+        endpoint_url: S3 endpoint for ``s3://`` shards (default from the environment).
+    """
+
+    def __init__(
+        self,
+        entry: CatalogEntry,
+        split: str = "train",
+        *,
+        resampled: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        verify_sha256: bool = False,
+        max_bad_fraction: float = 0.1,
+        min_samples_for_check: int = 200,
+        endpoint_url: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.entry = entry
+        self.split = split
+        self.info = entry.split(split)
+        if not self.info.shards:
+            raise ValueError(f"dataset {entry.name!r} split {split!r} has no shards")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.resampled = resampled
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.verify_sha256 = verify_sha256
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples_for_check = min_samples_for_check
+        self.endpoint_url = endpoint_url
+        self.stats = new_stats()
+        #: shard URL -> reasons it was (partly) unusable, for error messages.
+        self.bad_shards: dict[str, list[str]] = {}
+        self._lost = 0  # samples that corrupt shards should have provided
+        assign_shards(len(self.info.shards), rank, world_size)  # validates rank/world_size early
+
+    # ----------------------------------------------------------------------------- pipeline
+
+    def pipeline(self, worker_id: int | None = None, num_workers: int | None = None) -> wds.DataPipeline:
+        """The webdataset pipeline for one worker (default: the current DataLoader worker)."""
+        if worker_id is None or num_workers is None:
+            worker_id, num_workers = _worker()
+        assignment = assign_shards(len(self.info.shards), self.rank, self.world_size, worker_id, num_workers)
+        return wds.DataPipeline(
+            lambda: self._shard_source(assignment, worker_id),
+            lambda src: self._read_shards(src, assignment),
+            self._decode,
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.pipeline())
+
+    def _shard_source(self, assignment: ShardAssignment, worker_id: int) -> Iterator[dict[str, Any]]:
+        shards = self.info.shards
+        if not self.resampled:
+            for i in assignment.shards:
+                yield {"url": shards[i].url, "index": i}
+            return
+        rng = random.Random(f"{self.seed}:{self.rank}:{worker_id}:{self.entry.name}:{self.split}")
+        while True:
+            i = rng.choice(assignment.shards)
+            yield {"url": shards[i].url, "index": i}
+
+    def _open(self, url: str, index: int) -> io.BufferedIOBase | Any:
+        if not self.verify_sha256:
+            return s3.open_stream(url, endpoint_url=self.endpoint_url)
+        data = s3.get_bytes(url, endpoint_url=self.endpoint_url)
+        digest = hashlib.sha256(data).hexdigest()
+        expected = self.info.shards[index].sha256
+        if digest != expected:
+            raise _ShardMismatch(f"sha256 {digest[:12]}... != catalog {expected[:12]}...")
+        return io.BytesIO(data)
+
+    def _read_shards(self, src: Iterable[dict[str, Any]], assignment: ShardAssignment) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            url, index = shard["url"], shard["index"]
+            expected = assignment.expected(self.info.shards[index].samples)
+            self.stats["shards_read"] += 1
+            seen = 0
+            try:
+                with self._open(url, index) as stream:
+                    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                    for position, raw in enumerate(group_by_keys(files)):
+                        if not assignment.keeps(position):
+                            continue
+                        seen += 1
+                        raw["__shard__"] = index
+                        yield raw
+                if seen != expected:
+                    raise _ShardMismatch(f"holds {seen} samples for this reader, catalog implies {expected}")
+            except s3.ObjectNotFoundError as exc:
+                self._corrupt_shard(url, f"missing ({exc})", expected - seen)
+            except s3.StorageError:
+                raise  # endpoint, bucket or credentials: not a data problem, do not hide it
+            except (
+                _ShardMismatch,
+                tarfile.TarError,
+                OSError,
+                EOFError,
+                ValueError,
+                KeyError,
+                # A connection dropped mid-body: skip the shard; a resampled stream comes back to it.
+                bexc.BotoCoreError,
+            ) as exc:
+                self._corrupt_shard(url, f"{type(exc).__name__}: {exc}", expected - seen)
+
+    def _corrupt_shard(self, url: str, reason: str, lost: int) -> None:
+        self.stats["skipped_corrupt_shard"] += 1
+        self._lost += max(1, lost)
+        self.bad_shards.setdefault(url, []).append(f"unreadable: {reason}")
+        log.warning("skipping corrupt shard %s: %s", url, reason)
+        self._check_quality()
+
+    def _bad_sample(self, kind: str, raw: dict[str, Any], reason: str) -> None:
+        self.stats[kind] += 1
+        url = raw.get("__url__", "?")
+        reasons = self.bad_shards.setdefault(url, [])
+        reasons.append(f"sample {raw.get('__key__')}: {reason}")
+        if len(reasons) <= _WARN_PER_SHARD:
+            log.warning("skipping sample %s in %s: %s", raw.get("__key__"), url, reason)
+        self._check_quality()
+
+    def _decode(self, src: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+        h, w, c = self.entry.image_shape
+        num_classes = self.entry.num_classes
+        mode = "L" if c == 1 else "RGB"
+        for raw in src:
+            cls_bytes = raw.get("cls")
+            if cls_bytes is None:
+                self._bad_sample("skipped_missing_cls", raw, "no .cls member")
+                continue
+            try:
+                label = int(cls_bytes.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                self._bad_sample("skipped_bad_label", raw, f"label {cls_bytes[:16]!r} is not an integer")
+                continue
+            if not 0 <= label < num_classes:
+                self._bad_sample("skipped_bad_label", raw, f"label {label} outside 0..{num_classes - 1}")
+                continue
+            data = next((raw[e] for e in _IMAGE_EXTS if e in raw), None)
+            if data is None:
+                self._bad_sample("skipped_bad_image", raw, "no .png/.jpg member")
+                continue
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    arr = np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+                self._bad_sample("skipped_bad_image", raw, f"undecodable ({type(exc).__name__})")
+                continue
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            if arr.shape != (h, w, c):
+                self._bad_sample("skipped_bad_image", raw, f"shape {arr.shape} != catalog {(h, w, c)}")
+                continue
+            self.stats["samples_ok"] += 1
+            yield Sample(arr, label, f"{raw['__shard__']}/{raw['__key__']}")
+        self._check_quality(final=not self.resampled)
+
+    # ------------------------------------------------------------------------------ quality
+
+    @property
+    def bad_count(self) -> int:
+        """Unusable samples so far: bad samples plus those expected from unreadable shards."""
+        return int(sum(self.stats[k] for k in STAT_KEYS[2:]) + self._lost)
+
+    def _check_quality(self, final: bool = False) -> None:
+        bad = self.bad_count
+        total = bad + int(self.stats["samples_ok"])
+        if total == 0:
+            if final and self.stats["shards_read"]:
+                raise DataQualityError(self._quality_message(0, 0))
+            return
+        if (final or total >= self.min_samples_for_check) and bad / total > self.max_bad_fraction:
+            raise DataQualityError(self._quality_message(bad, total))
+
+    def _quality_message(self, bad: int, total: int) -> str:
+        shards = "; ".join(
+            f"{url} ({reasons[0]}{f' and {len(reasons) - 1} more' if len(reasons) > 1 else ''})"
+            for url, reasons in sorted(self.bad_shards.items())
+        )
+        share = f"{bad} of {total} samples" if total else "every sample"
+        return (
+            f"dataset {self.entry.name!r} split {self.split!r}: {share} unusable, more than "
+            f"max_bad_fraction={self.max_bad_fraction:g}; bad shards: {shards or 'none'}. "
+            "Re-ingest the dataset (`stamp ingest`) or raise max_bad_fraction"
+        )
+
+
+class _ShardMismatch(Exception):
+    """A shard's bytes disagree with the catalog (hash or sample count)."""
+
+
+# -------------------------------------------------------------------------------- read back
+
+
+def _entry(catalog_url: str, dataset: str, endpoint_url: str | None) -> CatalogEntry:
+    catalog = Catalog.load(catalog_url, missing_ok=False, endpoint_url=endpoint_url)
+    return catalog.get(dataset)
+
+
+def iter_samples(
+    catalog_url: str,
+    dataset: str,
+    split: str = "train",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    verify_sha256: bool = False,
+    max_bad_fraction: float = 0.1,
+    endpoint_url: str | None = None,
+) -> SampleStream:
+    """One pass over a split in shard order, as an iterable of :class:`Sample` (with ``.stats``)."""
+    return SampleStream(
+        _entry(catalog_url, dataset, endpoint_url),
+        split,
+        resampled=False,
+        rank=rank,
+        world_size=world_size,
+        verify_sha256=verify_sha256,
+        max_bad_fraction=max_bad_fraction,
+        endpoint_url=endpoint_url,
+    )
+
+
+def load_split_arrays(
+    catalog_url: str,
+    dataset: str,
+    split: str = "train",
+    *,
+    verify_sha256: bool = False,
+    endpoint_url: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as ``(x uint8 (N, H, W, C), y int64 (N,))`` in ingest order."""
+    stream = iter_samples(catalog_url, dataset, split, verify_sha256=verify_sha256, endpoint_url=endpoint_url)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for sample in stream:
+        images.append(sample.image)
+        labels.append(sample.label)
+    h, w, c = stream.entry.image_shape
+    x = np.stack(images) if images else np.zeros((0, h, w, c), np.uint8)
+    return x, np.asarray(labels, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+class _ClassBuffer:
+    """Per-class sample buffers for one dataset, fed from a resampled stream.
+
+    Once a class bucket is full, a new sample replaces a uniformly random slot (a shuffle buffer
+    rather than classic reservoir sampling, which would almost stop admitting new samples after a
+    long stream and keep training on the same few images). Keys are tracked so the same image is
+    never in a bucket twice, which keeps support and query disjoint even when shards repeat.
+    """
+
+    def __init__(self, num_classes: int, capacity: int, stream: Iterator[Sample], rng: np.random.Generator) -> None:
+        self.capacity = capacity
+        self.images: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self.keys: list[list[str]] = [[] for _ in range(num_classes)]
+        self.key_sets: list[set[str]] = [set() for _ in range(num_classes)]
+        self.stream = stream
+        self.rng = rng
+        self.pulled = 0
+
+    def pull(self, n: int) -> int:
+        """Read up to n samples from the stream into the buckets; returns how many were read."""
+        got = 0
+        for sample in self.stream:
+            self._add(sample)
+            got += 1
+            if got >= n:
+                break
+        self.pulled += got
+        return got
+
+    def _add(self, sample: Sample) -> None:
+        c = sample.label
+        if sample.key in self.key_sets[c]:
+            return
+        if len(self.images[c]) < self.capacity:
+            self.images[c].append(sample.image)
+            self.keys[c].append(sample.key)
+        else:
+            slot = int(self.rng.integers(self.capacity))
+            self.key_sets[c].discard(self.keys[c][slot])
+            self.images[c][slot] = sample.image
+            self.keys[c][slot] = sample.key
+        self.key_sets[c].add(sample.key)
+
+    def eligible(self, need: int) -> list[int]:
+        return [c for c, bucket in enumerate(self.images) if len(bucket) >= need]
+
+
+@dataclass
+class _WorkerState:
+    buffers: dict[str, _ClassBuffer]
+    streams: dict[str, SampleStream]
+    epoch: int = 0
+
+
+class EpisodeSampler(IterableDataset):
+    """Iterable of :class:`Episode` streamed from catalogued datasets; ``steps_per_epoch`` per epoch.
+
+    Each episode: pick a dataset by weight, K ~ U{ways} classes, relabel them 0..K-1 in the order
+    drawn, take ``min(support_per_class, max_support // K)`` support images per class and a query
+    batch of ``query_size`` spread evenly over the K classes, disjoint from the support; draw
+    ``macs_ratio ~ U[macs_ratio_range]``. Deterministic for a given seed, rank and call sequence.
+
+    Used directly it is one worker; wrapped in ``DataLoader(sampler, batch_size=None,
+    num_workers=W)`` each worker gets its own non-overlapping shards and ``steps_per_epoch / W``
+    episodes (the remainder to the first workers), so the epoch is still exactly
+    ``steps_per_epoch`` long. ``stats`` are those of this process (not of DataLoader workers).
+
+    Args:
+        catalog_url: the catalog (ignored when ``catalog`` is given).
+        datasets: datasets to draw from; None means every dataset in the catalog.
+        weights: relative sampling weight per dataset (missing ones weigh 1).
+        image_size: side of the square tensors :func:`prepare_images` produces.
+        ways: (min, max) classes per episode; max is capped by each dataset's class count.
+        support_per_class: support images per class, before the ``max_support`` cap.
+        max_support: cap on support images per episode.
+        query_size: query (training batch) size.
+        macs_ratio_range: (r_min, r_max) for the MACs budget.
+        rank, world_size: this process's place in the job.
+        seed: base seed.
+        steps_per_epoch: episodes per epoch on every rank.
+        split: split to read.
+        buffer_per_class: bucket capacity (default ``support_per_class + query_size``).
+        refresh_per_episode: new samples read before each episode (default ``query_size + 2 *
+            support_per_class``) so the buffers keep moving through the data.
+        verify_sha256: check each shard's sha256 before use.
+        max_bad_fraction: see :class:`SampleStream`.
+        endpoint_url: S3 endpoint (default from the environment).
+        catalog: an already-loaded catalog.
+    """
+
+    def __init__(
+        self,
+        catalog_url: str | None,
+        datasets: list[str] | None = None,
+        weights: dict[str, float] | None = None,
+        image_size: int = 32,
+        ways: tuple[int, int] = (2, 10),
+        support_per_class: int = 20,
+        max_support: int = 400,
+        query_size: int = 64,
+        macs_ratio_range: tuple[float, float] = (0.1, 1.0),
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        steps_per_epoch: int = 100,
+        *,
+        split: str = "train",
+        buffer_per_class: int | None = None,
+        refresh_per_episode: int | None = None,
+        verify_sha256: bool = False,
+        max_bad_fraction: float = 0.1,
+        endpoint_url: str | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        super().__init__()
+        lo, hi = int(ways[0]), int(ways[1])
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ways must be (min, max) with 1 <= min <= max, got {ways}")
+        if support_per_class < 1 or max_support < 1 or query_size < 1:
+            raise ValueError(
+                f"support_per_class ({support_per_class}), max_support ({max_support}) and "
+                f"query_size ({query_size}) must be >= 1"
+            )
+        r_lo, r_hi = float(macs_ratio_range[0]), float(macs_ratio_range[1])
+        if not 0.0 < r_lo <= r_hi <= 1.0:
+            raise ValueError(f"macs_ratio_range must satisfy 0 < r_min <= r_max <= 1, got {macs_ratio_range}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if catalog is None:
+            if catalog_url is None:
+                raise ValueError("pass catalog_url or catalog")
+            catalog = Catalog.load(catalog_url, missing_ok=False, endpoint_url=endpoint_url)
+        names = list(datasets) if datasets is not None else catalog.names()
+        if not names:
+            raise ValueError(f"no datasets to sample from: the catalog at {catalog_url} is empty")
+        self.entries = {n: catalog.get(n) for n in names}
+        for n, entry in self.entries.items():
+            entry.split(split)
+            if entry.num_classes < lo:
+                raise ValueError(f"dataset {n!r} has {entry.num_classes} classes, fewer than ways min {lo}")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"weights name datasets not being sampled: {unknown} (sampling {names})")
+        w = np.array([float(weights.get(n, 1.0)) for n in names])
+        if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {dict(zip(names, w.tolist()))}")
+        self.names = names
+        self.probs = w / w.sum()
+        self.image_size = image_size
+        self.ways = (lo, hi)
+        self.support_per_class = support_per_class
+        self.max_support = max_support
+        self.query_size = query_size
+        self.macs_ratio_range = (r_lo, r_hi)
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self.split = split
+        self.buffer_per_class = buffer_per_class or support_per_class + query_size
+        self.refresh_per_episode = (
+            query_size + 2 * support_per_class if refresh_per_episode is None else refresh_per_episode
+        )
+        self.verify_sha256 = verify_sha256
+        self.max_bad_fraction = max_bad_fraction
+        self.endpoint_url = endpoint_url
+        self._states: dict[tuple[int, int], _WorkerState] = {}
+        self._timing = {"data_wait_s": 0.0, "episodes": 0}
+        self._next_epoch: int | None = None
+        need = self._need(lo)
+        if need > self.buffer_per_class:
+            raise ValueError(
+                f"buffer_per_class {self.buffer_per_class} < {need} images per class that a "
+                f"{lo}-way episode needs (support + query share)"
+            )
+
+    # ---------------------------------------------------------------------------- public
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use this epoch number for its episode draws."""
+        self._next_epoch = epoch
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters summed over this process's streams, plus ``data_wait_s`` and ``episodes``."""
+        out = new_stats()
+        for state in self._states.values():
+            for stream in state.streams.values():
+                for k, v in stream.stats.items():
+                    out[k] += v
+        out.update(self._timing)
+        return out
+
+    def __iter__(self) -> Iterator[Episode]:
+        worker_id, num_workers = _worker()
+        state = self._state(worker_id, num_workers)
+        if self._next_epoch is not None:
+            state.epoch, self._next_epoch = self._next_epoch, None
+        epoch = state.epoch
+        state.epoch += 1
+        quota = self.steps_per_epoch // num_workers + (worker_id < self.steps_per_epoch % num_workers)
+        rng = np.random.default_rng([self.seed, self.rank, worker_id, epoch, 1])
+        for _ in range(quota):
+            start = time.perf_counter()
+            episode = self._episode(state, rng, worker_id)
+            self._timing["data_wait_s"] += time.perf_counter() - start
+            self._timing["episodes"] += 1
+            yield episode
+
+    # --------------------------------------------------------------------------- internals
+
+    def _state(self, worker_id: int, num_workers: int) -> _WorkerState:
+        key = (os.getpid(), worker_id)
+        state = self._states.get(key)
+        if state is None:
+            streams: dict[str, SampleStream] = {}
+            buffers: dict[str, _ClassBuffer] = {}
+            for i, name in enumerate(self.names):
+                entry = self.entries[name]
+                stream = SampleStream(
+                    entry,
+                    self.split,
+                    resampled=True,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    seed=self.seed,
+                    verify_sha256=self.verify_sha256,
+                    max_bad_fraction=self.max_bad_fraction,
+                    endpoint_url=self.endpoint_url,
+                )
+                streams[name] = stream
+                buffers[name] = _ClassBuffer(
+                    entry.num_classes,
+                    self.buffer_per_class,
+                    iter(stream.pipeline(worker_id, num_workers)),
+                    np.random.default_rng([self.seed, self.rank, worker_id, i, 2]),
+                )
+            state = _WorkerState(buffers=buffers, streams=streams)
+            self._states[key] = state
+        return state
+
+    def _support_per_class(self, k: int) -> int:
+        return max(1, min(self.support_per_class, self.max_support // k))
+
+    def _need(self, k: int) -> int:
+        return self._support_per_class(k) + math.ceil(self.query_size / k)
+
+    def _episode(self, state: _WorkerState, rng: np.random.Generator, worker_id: int) -> Episode:
+        name = self.names[int(rng.choice(len(self.names), p=self.probs))]
+        entry = self.entries[name]
+        buffer = state.buffers[name]
+        k = int(rng.integers(self.ways[0], min(self.ways[1], entry.num_classes) + 1))
+        n_support = self._support_per_class(k)
+        need = self._need(k)
+        if self.refresh_per_episode:
+            buffer.pull(self.refresh_per_episode)
+        # Bound the wait: a worker's share of the split, a few times over, is enough to fill any
+        # class that can be filled; beyond that the data simply does not have enough per class.
+        budget = 3 * entry.split(self.split).samples + self.buffer_per_class * entry.num_classes
+        while len(buffer.eligible(need)) < k:
+            before = buffer.pulled
+            got = buffer.pull(max(256, self.query_size))
+            if got == 0 or buffer.pulled - before == 0 or buffer.pulled > budget:
+                counts = [len(b) for b in buffer.images]
+                raise RuntimeError(
+                    f"dataset {name!r} (rank {self.rank}, worker {worker_id}): only "
+                    f"{len(buffer.eligible(need))} classes have the {need} distinct images a {k}-way "
+                    f"episode needs (per-class counts {counts}); lower support_per_class/query_size or "
+                    "ways, or use fewer ranks/workers for this dataset"
+                )
+        classes = [int(c) for c in rng.choice(buffer.eligible(need), size=k, replace=False)]
+        per_class_query = np.full(k, self.query_size // k)
+        per_class_query[rng.choice(k, size=self.query_size % k, replace=False)] += 1
+        support: list[np.ndarray] = []
+        query: list[np.ndarray] = []
+        query_labels: list[int] = []
+        for j, c in enumerate(classes):
+            bucket = buffer.images[c]
+            picks = rng.permutation(len(bucket))[: n_support + int(per_class_query[j])]
+            support.extend(bucket[i] for i in picks[:n_support])
+            query.extend(bucket[i] for i in picks[n_support:])
+            query_labels.extend([j] * int(per_class_query[j]))
+        order = rng.permutation(len(query))
+        pixels = prepare_images(np.stack(support + [query[i] for i in order]), self.image_size)
+        n_s = len(support)
+        return Episode(
+            support_x=pixels[:n_s],
+            support_y=torch.arange(k, dtype=torch.int64).repeat_interleave(n_support),
+            query_x=pixels[n_s:],
+            query_y=torch.as_tensor(np.asarray(query_labels, dtype=np.int64)[order]),
+            num_classes=k,
+            macs_ratio=float(rng.uniform(*self.macs_ratio_range)),
+            dataset=name,
+            classes=classes,
+        )
