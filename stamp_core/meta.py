@@ -74,9 +74,15 @@ def _cosine_logits(features: torch.Tensor, head: torch.Tensor, scale: float) -> 
     return scale * F.normalize(features, dim=1) @ F.normalize(head, dim=1).T
 
 
-def sample_gates(pruner: StampPruner, params: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def sample_gates(pruner: StampPruner, params: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """One relaxed-Bernoulli gate vector per example: ``(n, C)`` per group.
+
+    Sampling per example (as Beta-Bernoulli dropout does) averages the mask's gradient estimate
+    over the batch; a single mask per batch gave gradients too noisy for the generator to learn
+    task-specific masks in our runs.
+    """
     temperature = pruner.config.temperature
-    return [relaxed_bernoulli(kumaraswamy_sample(a, b), temperature) for a, b in params]
+    return [relaxed_bernoulli(kumaraswamy_sample(a.expand(n, -1), b.expand(n, -1)), temperature) for a, b in params]
 
 
 def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -90,17 +96,17 @@ def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tupl
     use_labels = cfg.label_free_prob <= 0 or torch.rand(()) >= cfg.label_free_prob
     embedding = pruner.embed(feats, episode.support_y if use_labels else None)
     params = pruner.generator(embedding, episode.macs_ratio)
-    gates = sample_gates(pruner, params)
 
     net = pruner.backbone
     net.train()
-    with torch.no_grad(), pruner.gates.apply([z.detach() for z in gates]):
+    with torch.no_grad(), pruner.gates.apply([kumaraswamy_mean(a, b) for a, b in params]):
         head_init = prototype_head(net.features(episode.support_x), episode.support_y, k)
     head = head_init.clone().requires_grad_(True)
 
     qx, qy = episode.query_x, episode.query_y
     if cfg.inner_steps > 0:
-        net, head, qx, qy = _inner_adapt(pruner, net, head, gates, qx, qy, cfg)
+        net, head, qx, qy = _inner_adapt(pruner, net, head, params, qx, qy, cfg)
+    gates = sample_gates(pruner, params, len(qx))
     with pruner.gates.apply(gates):
         logits = _cosine_logits(net.features(qx), head, cfg.head_scale)
     ce = F.cross_entropy(logits, qy)
@@ -128,7 +134,7 @@ def _inner_adapt(
     pruner: StampPruner,
     net: nn.Module,
     head: torch.Tensor,
-    gates: list[torch.Tensor],
+    params: list[tuple[torch.Tensor, torch.Tensor]],
     qx: torch.Tensor,
     qy: torch.Tensor,
     cfg: MetaConfig,
@@ -138,7 +144,7 @@ def _inner_adapt(
     fast = copy.deepcopy(net)  # the gate hooks are shared functions, so the copy is gated too
     fast_head = head.detach().clone().requires_grad_(True)
     opt = torch.optim.SGD([*fast.parameters(), fast_head], lr=cfg.inner_lr)
-    fixed = [z.detach() for z in gates]
+    fixed = [z.detach() for z in sample_gates(pruner, params, half)]
     for _ in range(cfg.inner_steps):
         with pruner.gates.apply(fixed):
             loss = F.cross_entropy(_cosine_logits(fast.features(qx[:half]), fast_head, cfg.head_scale), qy[:half])

@@ -1,0 +1,134 @@
+"""Session fixtures backed by real services: SeaweedFS S3, an MLflow server, a private Ray.
+
+The fixtures drive the same classes as `stamp stack up` (pipeline.stack), on free ports in
+temporary directories with random credentials, and stop exactly the processes they started.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Ray reads this when it is imported and otherwise advertises (and binds) the machine's
+# routable IP even for a local instance; loopback only, like every other service here.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from pipeline import _procs  # noqa: E402 - after the Ray switch above
+from pipeline.stack import MlflowServer, S3Credentials, SeaweedFS, SeaweedPorts  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_stamp_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests never see (or write to) a developer's running ./.stamp stack."""
+    home = tmp_path_factory.mktemp("stamp-home-session")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STAMP_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A running SeaweedFS with random keys; the standard AWS env points at it for the session."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("seaweedfs")
+    creds = S3Credentials.generate()
+    server = SeaweedFS(
+        data_dir=root / "data",
+        log_path=root / "weed.log",
+        ports=SeaweedPorts.from_s3_port(_procs.free_port_block(SeaweedPorts.offsets())),
+        credentials=creds,
+    )
+    server.start(timeout=60)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "STAMP_S3_ENDPOINT"):
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ACCESS_KEY_ID", creds.access_key_id)
+            mp.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_access_key)
+            mp.setenv("AWS_ENDPOINT_URL_S3", server.endpoint_url)
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("MLFLOW_S3_ENDPOINT_URL", server.endpoint_url)
+            # boto3's default session caches the credentials it first saw; make it re-read
+            # the env now and again after we restore it.
+            boto3.DEFAULT_SESSION = None
+            yield server
+    finally:
+        boto3.DEFAULT_SESSION = None
+        server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(seaweedfs: SeaweedFS) -> str:
+    """A fresh, uniquely named, empty bucket on the session's SeaweedFS."""
+    name = f"test-{secrets.token_hex(6)}"
+    seaweedfs.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of an MLflow server (sqlite + artifacts on the session's SeaweedFS)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    bucket = "mlflow-artifacts"
+    seaweedfs.ensure_bucket(bucket)
+    (port,) = _procs.free_ports(1)
+    server = MlflowServer(
+        backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
+        artifacts_destination=f"s3://{bucket}/mlflow",
+        port=port,
+        s3_endpoint=seaweedfs.endpoint_url,
+        credentials=seaweedfs.credentials,
+        log_path=root / "mlflow.log",
+        workers=1,
+    )
+    server.start(timeout=120)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", server.tracking_uri)
+            yield server.tracking_uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private in-process Ray instance (never attaches to, or stops, another cluster)."""
+    import ray
+
+    token = tmp_path_factory.mktemp("ray-auth") / "token"
+    _procs.write_private(token, secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as mp:
+        # ray.init() turns token auth on and, with no token anywhere, writes ~/.ray/auth_token;
+        # a token file of our own keeps the home directory untouched. RAY_AUTH_MODE is left to
+        # ray.init(): set by hand after `import ray` the driver would not send the token.
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+            # setenv first so the original (maybe absent) value is restored: ray.init writes
+            # RAY_AUTH_MODE into os.environ itself.
+            mp.setenv(name, "")
+            mp.delenv(name)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+        )
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The shared real datasets (mnist.npz, fashion_mnist.npz), next to the repository."""
+    path = (REPO_ROOT.parent / "shared" / "datasets").resolve()
+    if not path.is_dir():
+        pytest.skip(f"shared datasets not found at {path} (expected ../shared/datasets next to the repo)")
+    return path
