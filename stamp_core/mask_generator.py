@@ -64,11 +64,15 @@ class MaskGenerator(nn.Module):
         group_sizes: channels of each prunable group, in structure order.
         embed_dim: width of the task embedding ``s``.
         hidden_dim: width of the MLP trunk.
+        offset_scale: bound on the per-channel offsets to the base parameters (before softplus).
     """
 
-    def __init__(self, group_sizes: list[int], embed_dim: int = 128, hidden_dim: int = 256) -> None:
+    def __init__(self, group_sizes: list[int], embed_dim: int = 128, hidden_dim: int = 256, offset_scale: float = 3.0) -> None:
         super().__init__()
         self.group_sizes = list(group_sizes)
+        # Task/budget offsets are bounded: unbounded ones drove keep probabilities to 1e-25 within
+        # a few hundred episodes, where no gradient flows and no task can revive a channel.
+        self.offset_scale = offset_scale
         # The embedding is normalised and the budget gets its own features, so neither input's
         # scale can drown the other: the generator must stay sensitive to both task and budget.
         self.embed_norm = nn.LayerNorm(embed_dim)
@@ -92,6 +96,6 @@ class MaskGenerator(nn.Module):
         h = self.trunk(torch.cat([self.embed_norm(embedding), self.budget((r - 0.5) * 4.0)]))
         params = []
         for head, a_uc, b_uc in zip(self.heads, self.a_uc, self.b_uc):
-            da, db = head(h).chunk(2)
+            da, db = (self.offset_scale * torch.tanh(head(h))).chunk(2)
             params.append((F.softplus(a_uc + da) + _EPS, F.softplus(b_uc + db) + _EPS))
         return params
