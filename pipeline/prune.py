@@ -46,6 +46,7 @@ from stamp_core import (
     PruneSpec,
     StampPruner,
     TrainConfig,
+    default_finetune,
     build_backbone_from_config,
     count_macs_params,
     measure_latency,
@@ -484,7 +485,7 @@ def prune_dataset(
             with torch.no_grad():
                 embedding = pruner.embed(pruner.extract_features(x_train[idx]), y_train[idx])
             embed_seconds = time.perf_counter() - t0
-            cfg = dataclasses.replace(finetune or TrainConfig(), epochs=finetune_epochs, seed=seed)
+            cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
             if finetune_epochs:
                 say(f"fine-tuning {finetune_epochs} epoch(s) on {len(x_train)} images")
             result = prune_for_task(

@@ -3,7 +3,7 @@
 Depends on PyTorch and torch-pruning only: no Ray, MLflow, S3 or CLI code lives here.
 """
 
-from stamp_core.adapt import PruneResult, prune_for_task
+from stamp_core.adapt import PruneResult, default_finetune, prune_for_task
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
@@ -15,7 +15,7 @@ from stamp_core.spec import PruneSpec, SpecMismatchError
 from stamp_core.train import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, train_classifier
 
 __all__ = [
-    "PruneResult", "prune_for_task",
+    "PruneResult", "default_finetune", "prune_for_task",
     "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
