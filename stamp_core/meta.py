@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -85,11 +86,12 @@ def sample_gates(pruner: StampPruner, params: list[tuple[torch.Tensor, torch.Ten
     return [relaxed_bernoulli(kumaraswamy_sample(a.expand(n, -1), b.expand(n, -1)), temperature) for a, b in params]
 
 
-def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one episode and its parts; gradients reach encoder, generator and backbone.
+def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tuple[torch.Tensor, dict[str, float], nn.Module | None]:
+    """Loss of one episode, its parts, and the adapted backbone copy (None without inner loop).
 
-    With ``cfg.inner_steps > 0`` the returned loss is that of an adapted *copy* of the backbone:
-    call :func:`apply_first_order_grads` after ``backward()`` (``meta_train_step`` does).
+    Gradients reach encoder, generator and backbone. With ``cfg.inner_steps > 0`` the loss is that
+    of an adapted *copy* of the backbone: pass it to :func:`apply_first_order_grads` after
+    ``backward()`` (``meta_train_step`` does).
     """
     k = episode.num_classes
     feats = pruner.extract_features(episode.support_x)
@@ -126,8 +128,7 @@ def episode_loss(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> tupl
         "target_macs_ratio": float(episode.macs_ratio),
         "accuracy": float((logits.argmax(1) == qy).float().mean()),
     }
-    pruner._adapted = net if net is not pruner.backbone else None  # for first-order gradients
-    return loss, parts
+    return loss, parts, (net if net is not pruner.backbone else None)
 
 
 def _inner_adapt(
@@ -156,15 +157,13 @@ def _inner_adapt(
     return fast, fast_head, qx, qy
 
 
-def apply_first_order_grads(pruner: StampPruner) -> None:
-    """Move the adapted copy's gradients onto the backbone (first-order MAML)."""
-    fast = getattr(pruner, "_adapted", None)
-    if fast is None:
+def apply_first_order_grads(pruner: StampPruner, adapted: nn.Module | None) -> None:
+    """Add the adapted copy's gradients to the backbone's (first-order MAML); no-op for None."""
+    if adapted is None:
         return
-    for p, fp in zip(pruner.backbone.parameters(), fast.parameters()):
+    for p, fp in zip(pruner.backbone.parameters(), adapted.parameters()):
         if fp.grad is not None:
             p.grad = fp.grad.clone() if p.grad is None else p.grad + fp.grad
-    pruner._adapted = None
 
 
 def make_optimizer(pruner: StampPruner, lr: float = 1e-3, backbone_lr: float = 1e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -183,7 +182,7 @@ def meta_train_step(
     episode: Episode,
     optimizer: torch.optim.Optimizer,
     cfg: MetaConfig | None = None,
-    grad_hook: "callable | None" = None,
+    grad_hook: Callable[[StampPruner], None] | None = None,
 ) -> dict[str, float]:
     """Compute the episode loss, back-propagate and update; returns the loss parts.
 
@@ -193,9 +192,9 @@ def meta_train_step(
     """
     cfg = cfg or MetaConfig()
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = episode_loss(pruner, episode, cfg)
+    loss, parts, adapted = episode_loss(pruner, episode, cfg)
     loss.backward()
-    apply_first_order_grads(pruner)
+    apply_first_order_grads(pruner, adapted)
     if grad_hook is not None:
         grad_hook(pruner)
     torch.nn.utils.clip_grad_norm_(pruner.parameters(), 5.0)
