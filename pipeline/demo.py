@@ -53,8 +53,8 @@ class DemoPreset:
 
 
 PRESETS = {
-    "full": DemoPreset("full", n_per_class=300, test_per_class=50, sources=("digits", "stripes", "blobs", "shapes", "textures"),
-                       width=32, pretrain_epochs=4, meta_steps=300, tune_steps=80, tune_trials=2, finetune_epochs=3),
+    "full": DemoPreset("full", n_per_class=250, test_per_class=50, sources=("digits", "stripes", "blobs", "shapes", "textures"),
+                       width=32, pretrain_epochs=3, meta_steps=250, tune_steps=60, tune_trials=2, finetune_epochs=3),
     "quick": DemoPreset("quick", n_per_class=80, test_per_class=20, sources=("digits", "stripes", "shapes"),
                         width=16, pretrain_epochs=1, meta_steps=20, tune_steps=10, tune_trials=2, finetune_epochs=1,
                         validation_tasks=2),

@@ -978,6 +978,21 @@ def _end_mlflow_run(cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, o
         log.warning("could not close MLflow run %s: %s", run_id, exc)
 
 
+def _fit(trainer: Any, cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, what: str) -> Any:
+    """``trainer.fit()``; close the MLflow run either way; the result must hold a checkpoint."""
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+    finally:
+        _end_mlflow_run(cfg, run_id, ok)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} finished without a checkpoint")
+    return result
+
+
 def _scaling(cfg: MetaTrainConfig | PretrainConfig) -> Any:
     from ray.train import ScalingConfig
 
@@ -1046,16 +1061,7 @@ def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: 
             callbacks=callbacks or None,
         ),
     )
-    ok = False
-    try:
-        result = trainer.fit()
-        ok = result.error is None
-    finally:
-        _end_mlflow_run(cfg, run_id, ok)
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"meta-training run {name} finished without a checkpoint")
+    result = _fit(trainer, cfg, run_id, f"meta-training run {name}")
     state = _read_checkpoint_state(result.checkpoint) or {}
     pruner_dir = checkpoint_to_local(result.checkpoint, _local_root("meta_train", name))
     metrics = dict(result.metrics or {})
@@ -1295,16 +1301,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    ok = False
-    try:
-        result = trainer.fit()
-        ok = result.error is None
-    finally:
-        _end_mlflow_run(cfg, run_id, ok)
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretraining run {cfg.run_name} finished without a checkpoint")
+    result = _fit(trainer, cfg, run_id, f"pretraining run {cfg.run_name}")
     state = _read_checkpoint_state(result.checkpoint) or {}
     return PretrainResult(
         name=cfg.run_name,

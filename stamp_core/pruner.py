@@ -242,6 +242,12 @@ class StampPruner(nn.Module):
         if signature is not None and signature != pruner.structure.signature():
             raise ValueError(f"{d}: saved group structure does not match backbone {cfg['backbone']}")
         state = torch.load(d / _WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        missing, unexpected = _state_dict_mismatch(pruner.state_dict(), state)
+        if missing or unexpected:
+            raise ValueError(
+                f"{d}: weights do not match this stamp_core {__version__} (saved by "
+                f"{cfg.get('version', 'unknown')}); missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         pruner.load_state_dict(state)
         return pruner
 
@@ -296,6 +302,12 @@ def calibrate_masks(
         kept.append(sorted(int(i) for i in local))
         offset += n
     return kept
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], got: Any) -> tuple[list[str], list[str]]:
+    if not isinstance(got, dict):
+        return sorted(expected), [f"<{type(got).__name__}>"]
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
 
 
 def _check_ratio(macs_ratio: float) -> float:

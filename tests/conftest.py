@@ -98,8 +98,12 @@ def mlflow_server(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A private in-process Ray instance (never attaches to, or stops, another cluster)."""
+def ray_local(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private in-process Ray instance (never attaches to, or stops, another cluster).
+
+    It depends on ``seaweedfs`` because Ray workers inherit the environment Ray starts with:
+    the S3 endpoint and credentials must be set before ``ray.init``.
+    """
     import ray
 
     token = tmp_path_factory.mktemp("ray-auth") / "token"

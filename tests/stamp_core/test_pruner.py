@@ -148,3 +148,14 @@ def test_spec_from_generate_round_trips(pruners, task) -> None:
     spec = _pruner(pruners, "vgg11").generate(*task, macs_ratio=0.3)
     assert PruneSpec.from_json(spec.to_json()) == spec
     assert spec.macs_ratio_target == 0.3 and spec.pruner_version
+
+
+def test_load_refuses_weights_of_another_version(tmp_path, pruners) -> None:
+    pruner = _pruner(pruners, "small_cnn")
+    pruner.save(tmp_path / "p")
+    state = torch.load(tmp_path / "p" / "pruner_state_dict.pt", weights_only=True)
+    state["generator.extra.weight"] = torch.zeros(1)
+    del state["generator.budget_shift.bias"]
+    torch.save(state, tmp_path / "p" / "pruner_state_dict.pt")
+    with pytest.raises(ValueError, match=r"do not match this stamp_core .*missing \['generator.budget_shift.bias'\], unexpected \['generator.extra.weight'\]"):
+        StampPruner.load(tmp_path / "p")
