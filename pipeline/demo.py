@@ -295,7 +295,9 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     rec.print(times)
     markdown = "```\n" + rec.export_text() + "```\n"
     (out_dir / "demo_report.md").write_text(markdown)
+    result = {"report": report, "full": full, "stages": stages.seconds}
+    (out_dir / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
     _log_report(report, full, stages.seconds, markdown, out_dir)
     out.print(f"report: {out_dir / 'demo_report.md'}; pruned model: {out_dir / 'pruned'}; "
               f"champion: models:/{model_name}@champion")
-    return {"report": report, "full": full, "stages": stages.seconds}
+    return result

@@ -1,6 +1,7 @@
 """End to end: the quick demo against real SeaweedFS, a real MLflow server and an in-process Ray."""
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -11,15 +12,21 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 
-def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, ray_local, tmp_path, monkeypatch) -> None:
-    from pipeline.demo import run_demo
+def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) -> None:
+    """`stamp demo --quick` as a user runs it: a separate process with its own local Ray (so no
+    actor or placement group can outlive it into other tests), against the real S3 and MLflow."""
     from stamp_core import PruneSpec, build_backbone, count_macs_params
 
     model_name = f"demo-e2e-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("STAMP_BUCKET", s3_bucket)
-    monkeypatch.setenv("STAMP_HOME", str(tmp_path / "home"))
-    result = run_demo(out_dir=tmp_path / "out", quick=True, model_name=model_name)
-
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(STAMP_BUCKET=s3_bucket, STAMP_HOME=str(tmp_path / "home"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(tmp_path / "out"), "--model-name", model_name],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    result = json.loads((tmp_path / "out" / "demo_result.json").read_text())
+    assert "top-1" in done.stdout and "stage times" in done.stdout  # the table was printed
     report, full, stages = result["report"], result["full"], result["stages"]
     assert set(stages) >= {"ingest", "pretrain", "meta_train", "tune", "register", "prune", "full_baseline", "total"}
     assert 0.27 <= report["macs_ratio"] <= 0.30
