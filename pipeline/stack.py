@@ -437,6 +437,7 @@ class RayHead(Service):
         log_path: Path,
         num_cpus: int | None = None,
         record: _procs.ProcRecord | None = None,
+        job_env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(log_path, record)
         self.port = port
@@ -444,6 +445,13 @@ class RayHead(Service):
         self.temp_dir = temp_dir
         self.token_path = token_path
         self.num_cpus = num_cpus
+        # What a cluster's nodes get from their Secret/ConfigMap: the stack's S3 endpoint and
+        # credentials and the MLflow URI, so jobs and attached drivers' workers can reach them.
+        # Process environments are readable by the same user only; never logged.
+        self.job_env = dict(job_env or {})
+
+    def secrets(self) -> list[str]:
+        return [v for k, v in self.job_env.items() if k == "AWS_SECRET_ACCESS_KEY"]
 
     @property
     def address(self) -> str:
@@ -523,6 +531,7 @@ class RayHead(Service):
         for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
             base.pop(name, None)
         extra = {
+            **self.job_env,
             # Includes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray rewrites
             # --node-ip-address=127.0.0.1 to the routable IP and binds every interface.
             **self.client_env(),
@@ -842,6 +851,14 @@ def _build_services(
             log_path=paths.log("ray"),
             num_cpus=config.ray_num_cpus,
             record=records.get("ray"),
+            job_env={
+                **creds.env(),
+                "AWS_ENDPOINT_URL_S3": s3.endpoint_url,
+                "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+                "AWS_DEFAULT_REGION": DEFAULT_REGION,
+                "MLFLOW_TRACKING_URI": services["mlflow"].tracking_uri,
+                "STAMP_BUCKET": config.bucket,
+            },
         )
     return services
 
