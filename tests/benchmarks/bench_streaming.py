@@ -7,7 +7,7 @@ the S3 server runs in its own process. Each figure is the median of ``--runs`` f
 A second table measures the episode sampler (episodes/s and images/s it hands to training).
 
 Usage:
-    python benchmarks/bench_streaming.py [--samples 20000] [--runs 3] [--shard-size 5000]
+    python tests/benchmarks/bench_streaming.py [--samples 20000] [--runs 3] [--shard-size 5000]
 
 S3: by default a private SeaweedFS is started (pipeline.stack.SeaweedFS) on free loopback ports
 with random keys and stopped at the end; with ``--endpoint URL --bucket NAME`` an existing server
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline import s3  # noqa: E402

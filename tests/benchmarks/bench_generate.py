@@ -7,7 +7,7 @@ Figures (medians; the machine is shared, so ratios matter more than absolutes):
 2. CPU latency at batch 64 of the pruned net / the full net at r = 0.3 for vgg19 and resnet18,
    against the MACs ratio. Target: latency ratio within 1.5x of the MACs ratio.
 
-Run: .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--repeats 5]
+Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations

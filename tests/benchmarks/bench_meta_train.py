@@ -18,7 +18,7 @@ compute and framework cost, not network. Ray runs on a private local instance.
 
 Usage::
 
-    python benchmarks/bench_meta_train.py [--backbone resnet18] [--steps 6] [--json out.json]
+    python tests/benchmarks/bench_meta_train.py [--backbone resnet18] [--steps 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 # Loopback only for the private Ray instance (read by Ray at import time).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
