@@ -124,9 +124,22 @@ def ray_local(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) ->
             include_dashboard=False,
         )
         try:
+            _check_workers_see(seaweedfs)
             yield
         finally:
             ray.shutdown()
+
+
+def _check_workers_see(seaweedfs: SeaweedFS) -> None:
+    """Ray workers must inherit the S3 credentials: they are only set if SeaweedFS came first."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def worker_key() -> str | None:
+        return os.environ.get("AWS_ACCESS_KEY_ID")
+
+    if ray.get(worker_key.remote()) != seaweedfs.credentials.access_key_id:
+        raise RuntimeError("Ray workers do not see the SeaweedFS credentials: start `seaweedfs` before `ray_local`")
 
 
 @pytest.fixture(scope="session")

@@ -211,23 +211,10 @@ def s3_data(seaweedfs: Any) -> tuple[str, str]:
     return bucket, _ingest(f"s3://{bucket}/datasets")
 
 
-@pytest.fixture(scope="module")
-def ray_with_s3(seaweedfs: Any, ray_local: None) -> None:
-    """Ray workers inherit the environment Ray started with: check they can reach SeaweedFS."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def worker_key() -> str | None:
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != seaweedfs.credentials.access_key_id:
-        pytest.fail("the session's Ray was started before SeaweedFS; request `seaweedfs` before `ray_local`")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_workers_recover_from_a_killed_worker_then_resume_by_name(
-    ray_with_s3: None, mlflow_server: str, s3_data: tuple[str, str], seaweedfs: Any, tmp_path: Path
+    ray_local: None, mlflow_server: str, s3_data: tuple[str, str], seaweedfs: Any, tmp_path: Path
 ) -> None:
     bucket, catalog_url = s3_data
     marker = tmp_path / "fault-marker"
@@ -277,7 +264,7 @@ def test_two_workers_recover_from_a_killed_worker_then_resume_by_name(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_run_pretrain_two_workers_ddp(ray_with_s3: None, s3_data: tuple[str, str], tmp_path: Path) -> None:
+def test_run_pretrain_two_workers_ddp(ray_local: None, s3_data: tuple[str, str], tmp_path: Path) -> None:
     _, catalog_url = s3_data
     cfg = PretrainConfig.model_validate(dict(
         run_name="pre", storage_path=str(tmp_path / "ray"), backbone="small_cnn", backbone_kwargs={"width": 8},

@@ -3,7 +3,6 @@ best pruner is registered in MLflow, with the champion alias moving only for a b
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -81,23 +80,10 @@ def test_pick_best_prefers_trials_that_finished() -> None:
         pick_best(trials[3:], max_step=10)
 
 
-@pytest.fixture(scope="module")
-def ray_with_env(seaweedfs: Any, mlflow_server: str, ray_local: None) -> None:
-    """Started after SeaweedFS, so Ray's workers inherit its credentials (checked)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def worker_key() -> str | None:
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != seaweedfs.credentials.access_key_id:
-        pytest.fail("the session's Ray was started before SeaweedFS; request `seaweedfs` before `ray_local`")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_trial_tune_registers_best_and_guards_the_champion(
-    ray_with_env: None, mlflow_server: str, local_catalog: str, tmp_path: Path
+    ray_local: None, mlflow_server: str, local_catalog: str, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
