@@ -371,6 +371,14 @@ def get_bytes(url: str, *, endpoint_url: str | None = None) -> bytes:
         _raise_s3(exc, url, client, "read")
 
 
+def _write_local(url: str, write: Callable[[BinaryIO], object]) -> None:
+    """Atomic write to a local destination; OS errors become StorageError naming the URL."""
+    try:
+        _atomic_local_write(local_path(url), write)
+    except OSError as exc:
+        raise StorageError(f"cannot write {url}: {exc.strerror or exc}") from None
+
+
 def _atomic_local_write(path: Path, writer: Callable[[BinaryIO], object]) -> None:
     """Write through a temp file in the same directory, then rename, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,10 +407,7 @@ def put_bytes(
     Local files ignore metadata.
     """
     if not is_s3_url(url):
-        try:
-            _atomic_local_write(local_path(url), lambda fh: fh.write(data))
-        except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc.strerror or exc}") from None
+        _write_local(url, lambda fh: fh.write(data))
         return
     client = make_s3_client(endpoint_url)
     bucket, key = parse_s3_url(url)
@@ -434,10 +439,7 @@ def upload_file(
     """
     src = Path(path)
     if not is_s3_url(url):
-        try:
-            _atomic_local_write(local_path(url), lambda fh: _copy_into(src, fh))
-        except OSError as exc:
-            raise StorageError(f"cannot write {url}: {exc.strerror or exc}") from None
+        _write_local(url, lambda fh: _copy_into(src, fh))
         return
     client = make_s3_client(endpoint_url)
     bucket, key = parse_s3_url(url)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -716,13 +717,5 @@ def load_source(spec: str, name: str | None = None) -> ArrayDataset:
     else:
         raise ValueError(f"cannot parse dataset spec {spec!r}; expected one of: {forms}")
     if name is not None and name != ds.name:
-        ds = ArrayDataset(
-            name=name,
-            x_train=ds.x_train,
-            y_train=ds.y_train,
-            x_test=ds.x_test,
-            y_test=ds.y_test,
-            class_names=ds.class_names,
-            source=ds.source,
-        )
+        ds = dataclasses.replace(ds, name=name)
     return ds

@@ -9,7 +9,6 @@ channel's expected keep probability and moving one global threshold over an exac
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
