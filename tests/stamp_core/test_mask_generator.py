@@ -67,3 +67,24 @@ def test_generator_starts_at_base_posterior_and_depends_on_budget() -> None:
     assert b.mean().item() == pytest.approx(1.0, abs=0.2)
     a2, _ = gen(s, 0.1)[0]
     assert not torch.allclose(a, a2)
+
+
+def test_running_standardize_removes_what_all_tasks_share() -> None:
+    """Embeddings are measured against the running task mean; statistics move in training only."""
+    from stamp_core.mask_generator import RunningStandardize
+
+    std = RunningStandardize(4, momentum=0.01)
+    shared = torch.tensor([5.0, -3.0, 2.0, 10.0])
+    task_a, task_b = shared + torch.tensor([1.0, 0, 0, 0]), shared - torch.tensor([1.0, 0, 0, 0])
+    std.train()
+    for _ in range(50):
+        std(task_a), std(task_b)
+    std.eval()
+    before = std.running_mean.clone()
+    out_a, out_b = std(task_a), std(task_b)
+    assert torch.equal(std.running_mean, before)  # eval never updates
+    # The shared part is gone: the two tasks come out as (about) +-1 standard deviation in dim 0.
+    assert torch.allclose(std.running_mean, shared, atol=0.05)
+    assert out_a[0] == pytest.approx(1.0, abs=0.1) and out_b[0] == pytest.approx(-1.0, abs=0.1)
+    assert torch.allclose(out_a[1:], torch.zeros(3), atol=1e-2)
+    assert int(std.num_tasks) == 100

@@ -46,16 +46,18 @@ def test_expected_macs_track_the_budget() -> None:
 
 
 @pytest.mark.slow
-def test_masks_adapt_to_the_task_family(capsys) -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masks_adapt_to_the_task_family(seed: int, capsys) -> None:
     """Two task families that need different channels (hue vs orientation) get clearly different
     masks at r=0.3, while two samples of one task get (near) identical masks.
 
-    Measured on seeds 0/1/2 at 200 episodes: across-family Jaccard distance 0.65/0.03/0.0 (lr 1e-3)
-    and 0.46/0.0/0.39 (lr 3e-3); within-task 0.0 on every seed. Adaptivity is real but not yet
-    robust to the seed: this test pins seed 0 and documents the rest.
+    Measured at 200 episodes (tests/stamp_core/_tasks.py families, small_cnn width 16): across-family
+    Jaccard distance 0.60 / 0.36 / 0.64 / 0.51 for seeds 0-3, within-task 0.000 on every seed.
+    Before the generator standardised embeddings against the running task mean, seeds 1 and 2
+    collapsed to one shared mask (0.0 / 0.0).
     """
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(12).repeat(150)
     x = torch.cat([make_images("color", labels[:900] % 6, gen), make_images("orientation", labels[900:] % 6, gen)])
     y = torch.cat([labels[:900] % 6, 6 + labels[900:] % 6])
@@ -75,6 +77,6 @@ def test_masks_adapt_to_the_task_family(capsys) -> None:
     within = max(jaccard_distance(c1, c2), jaccard_distance(o1, o2))
     across = min(jaccard_distance(c1, o1), jaccard_distance(c2, o2))
     with capsys.disabled():
-        print(f"\n[adaptivity] Jaccard distance across families {across:.3f}, within a task {within:.3f}")
+        print(f"\n[adaptivity seed {seed}] Jaccard distance across families {across:.3f}, within a task {within:.3f}")
     assert within <= 0.05
     assert across >= 0.2
