@@ -858,6 +858,9 @@ def _build_services(
                 "AWS_DEFAULT_REGION": DEFAULT_REGION,
                 "MLFLOW_TRACKING_URI": services["mlflow"].tracking_uri,
                 "STAMP_BUCKET": config.bucket,
+                # Jobs keep their run outputs (checkpoints, pruners) in this stack's state dir,
+                # not in the temporary copy `ray job submit --working-dir` unpacks them into.
+                "STAMP_HOME": str(paths.root),
             },
         )
     return services
