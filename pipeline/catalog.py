@@ -51,6 +51,37 @@ def validate_name(name: str, what: str = "dataset name") -> str:
     return name
 
 
+def validate_shard_url(url: str, dataset: str, split: str) -> str:
+    """Return url if it is ``<root>/<dataset>/<split>-NNNNNN.tar`` with no traversal, else raise ValueError.
+
+    A catalog is data, possibly edited by hand or tampered with: a shard URL outside its
+    dataset's directory would make readers fetch, and ``datasets remove`` delete, objects that
+    belong to something else.
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not a non-empty string")
+    if any(ord(ch) < 32 or ch == "\\" for ch in url):
+        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} contains a backslash or a control character")
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        if scheme not in ("s3", "file"):
+            raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has scheme {scheme!r}: expected s3://, file:// or a path")
+        path = rest.split("/", 1)[1] if scheme == "s3" and "/" in rest else ("" if scheme == "s3" else rest)
+    else:
+        path = url
+    parts = path.split("/")
+    inner = parts if sep and scheme == "s3" else parts[1:]  # a local path may start at the root
+    if any(part in (".", "..") for part in parts) or "" in inner:
+        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has '.', '..' or empty path segments")
+    expected = re.compile(rf"(?:^|/){re.escape(dataset)}/{re.escape(split)}-\d{{6}}\.tar$")
+    if not expected.search(path):
+        raise ValueError(
+            f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not inside the dataset's directory: "
+            f"expected .../{dataset}/{split}-NNNNNN.tar"
+        )
+    return url
+
+
 def utc_now() -> str:
     """An ISO-8601 UTC timestamp with second precision."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
@@ -70,11 +101,12 @@ class ShardInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> ShardInfo:
         _require_keys(data, ("url", "sha256", "samples"), where)
-        sha = str(data["sha256"])
+        _require_type(data["url"], str, f"{where}.url", "a string")
+        sha = _require_type(data["sha256"], str, f"{where}.sha256", "a string")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ValueError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
         samples = _as_count(data["samples"], f"{where}.samples")
-        return cls(url=str(data["url"]), sha256=sha, samples=samples)
+        return cls(url=data["url"], sha256=sha, samples=samples)
 
 
 @dataclass(frozen=True)
@@ -90,6 +122,7 @@ class SplitInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> SplitInfo:
         _require_keys(data, ("shards", "samples"), where)
+        _require_type(data["shards"], list, f"{where}.shards", "a list of shards")
         shards = tuple(ShardInfo.from_dict(s, f"{where}.shards[{i}]") for i, s in enumerate(data["shards"]))
         samples = _as_count(data["samples"], f"{where}.samples")
         if samples != sum(s.samples for s in shards):
@@ -115,8 +148,10 @@ class CatalogEntry:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        for split in self.splits:
+        for split, info in self.splits.items():
             validate_name(split, "split name")
+            for shard in info.shards:
+                validate_shard_url(shard.url, self.name, split)
         if self.num_classes < 1:
             raise ValueError(f"dataset {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
         if len(self.class_names) != self.num_classes:
@@ -158,18 +193,30 @@ class CatalogEntry:
             ("name", "num_classes", "class_names", "image_shape", "splits", "created_at", "source"),
             where,
         )
-        shape = tuple(int(v) for v in data["image_shape"])
-        if len(shape) != 3:
-            raise ValueError(f"{where}.image_shape must have 3 entries (H, W, C), got {list(shape)}")
-        return cls(
-            name=str(data["name"]),
+        # Strict types: a coerced value (the string "281" read as the shape (2, 8, 1)) would be
+        # silently wrong.
+        raw_shape = _require_type(data["image_shape"], list, f"{where}.image_shape", "a list [H, W, C]")
+        if len(raw_shape) != 3:
+            raise ValueError(f"{where}.image_shape must have 3 entries (H, W, C), got {raw_shape!r}")
+        shape = tuple(_as_count(v, f"{where}.image_shape[{i}]") for i, v in enumerate(raw_shape))
+        names = _require_type(data["class_names"], list, f"{where}.class_names", "a list of strings")
+        for i, c in enumerate(names):
+            _require_type(c, str, f"{where}.class_names[{i}]", "a string")
+        splits = _require_type(data["splits"], dict, f"{where}.splits", "an object of splits")
+        try:
+            return cls(
+            name=_require_type(data["name"], str, f"{where}.name", "a string"),
             num_classes=_as_count(data["num_classes"], f"{where}.num_classes"),
-            class_names=tuple(str(c) for c in data["class_names"]),
+            class_names=tuple(names),
             image_shape=(shape[0], shape[1], shape[2]),
-            splits={str(k): SplitInfo.from_dict(v, f"{where}.splits.{k}") for k, v in data["splits"].items()},
-            created_at=str(data["created_at"]),
-            source=str(data["source"]),
-        )
+            splits={k: SplitInfo.from_dict(v, f"{where}.splits.{k}") for k, v in splits.items()},
+            created_at=_require_type(data["created_at"], str, f"{where}.created_at", "an ISO-8601 string"),
+            source=_require_type(data["source"], str, f"{where}.source", "a string"),
+            )
+        except ValueError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ValueError(f"{where}: {exc}") from None  # name the document and the entry
 
     def content_dict(self) -> dict[str, Any]:
         """The part of the entry that describes the data itself (no time, no locations)."""
@@ -256,7 +303,7 @@ class Catalog:
             )
         _require_keys(data, ("datasets",), where)
         datasets: dict[str, CatalogEntry] = {}
-        for key, raw in data["datasets"].items():
+        for key, raw in _require_type(data["datasets"], dict, f"{where}: datasets", "an object").items():
             entry = CatalogEntry.from_dict(raw, f"{where}: datasets.{key}")
             if entry.name != key:
                 raise ValueError(f"{where}: datasets.{key} has name {entry.name!r}")
@@ -319,6 +366,12 @@ def _require_keys(data: Any, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
         raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+
+
+def _require_type(value: Any, kind: type, where: str, expected: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value
 
 
 def _as_count(value: Any, where: str) -> int:

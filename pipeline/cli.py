@@ -47,6 +47,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("pipeline.registry", "RegistryError"),
         ("pipeline.prune", "PruneError"),
         ("pipeline.episodes", "DataQualityError"),
+        ("pipeline.benchmark", "BenchmarkError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -213,6 +214,26 @@ def tune(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) ->
     out.print(result)
 
 
+@app.command()
+@_friendly
+def register(
+    from_checkpoint: str = typer.Option(
+        ..., "--from-checkpoint",
+        help="A checkpoint directory, a Ray run directory (local or s3://) or a training run name.",
+    ),
+    name: str = typer.Option("stamp-pruner", "--name", help="Registered model name."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Point this alias (e.g. champion) at the new version."),
+    experiment: str = typer.Option("stamp-meta-train", help="MLflow experiment when the checkpoint's run is not on this server."),
+    storage_path: Optional[str] = typer.Option(None, help="Where run names are looked up; default from settings."),
+) -> None:
+    """Register a pruner from a training checkpoint (e.g. after MLflow was down when the job ended)."""
+    from pipeline.registry import register_from_checkpoint
+
+    reg = register_from_checkpoint(from_checkpoint, name=name, alias=alias, experiment=experiment, storage_path=storage_path)
+    moved = f", alias {alias!r} -> version {reg.version}" if alias else ""
+    out.print(f"registered {reg.uri} (run {reg.run_id}){moved}")
+
+
 # ----------------------------------------------------------------------------- downstream
 @app.command()
 @_friendly
@@ -230,6 +251,23 @@ def prune(
 
     report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed)
     out.print(report.to_markdown())
+
+
+@app.command()
+@_friendly
+def benchmark(
+    config: Path = _CONFIG,
+    overrides: Optional[list[str]] = _OVERRIDES,
+    report_only: bool = typer.Option(False, "--report-only", help="Run no cell: summarise results.csv as it is."),
+) -> None:
+    """STAMP vs pruning baselines on unseen targets at matched MACs (resumable per cell)."""
+    from pipeline.benchmark import load_benchmark_config, run_benchmark
+
+    cfg = load_benchmark_config(config, overrides or [])
+    result = run_benchmark(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]"), report_only=report_only)
+    out.print(result.markdown_path.read_text())
+    out.print(f"results: {result.csv_path} ({len(result.computed)} computed, {len(result.skipped)} resumed, "
+              f"{len(result.failed)} failed)" + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
 
 
 @app.command()

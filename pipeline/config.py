@@ -104,6 +104,8 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     #: DataLoader processes per training worker for episode assembly (0 = in the training loop).
     loader_workers: int = Field(0, ge=0, le=32)
+    #: episodes assembled ahead by a background thread, overlapping the training step (0 = off).
+    prefetch: int = Field(2, ge=0, le=64)
 
     @field_validator("catalog_url")
     @classmethod
@@ -268,6 +270,17 @@ class ValidationSection(_Strict):
     finetune_lr: float = Field(0.05, gt=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 1234
+    #: budgets of the accuracy-vs-MACs curve validated once at the end and plotted to MLflow
+    #: (``macs_ratio`` is always on it); empty = no curve.
+    curve_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5])
+
+    @field_validator("curve_ratios")
+    @classmethod
+    def _curve_ratios(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"curve_ratios {bad} outside (0, 1]: each is a MACs ratio pruned / full")
+        return sorted(set(v))
 
     @field_validator("sources")
     @classmethod
@@ -499,8 +512,193 @@ class TuneConfig(_Strict):
         return _flatten(self.model_dump(mode="json"))
 
 
+BENCHMARK_METHODS = ("full", "uniform", "random", "l1", "snip", "grasp", "synflow", "bbd", "stamp", "stamp_mean")
+
+
+def _unique(v: list[Any], what: str) -> list[Any]:
+    if not v:
+        raise ValueError(f"{what} is empty: give at least one")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{what} lists a value twice: {v}")
+    return v
+
+
+class BenchmarkModel(_Strict):
+    """One backbone under test: its meta-trained pruner and (for the baselines) its pretrained weights."""
+
+    #: backbone name; must be the pruner's backbone (checked when the pruner loads).
+    backbone: str
+    #: the pruner: a saved pruner directory, a Ray meta-train run directory (latest checkpoint),
+    #: or a registry URI (models:/stamp-pruner@champion).
+    pruner: str
+    #: pretrain checkpoint or run directory whose weights the baselines prune; None = the pruner's backbone.
+    pretrained: str | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: str) -> str:
+        from stamp_core.backbones import list_backbones
+
+        if v not in list_backbones():
+            raise ValueError(f"unknown backbone {v!r}: expected one of {', '.join(list_backbones())}")
+        return v
+
+    @field_validator("pruner", "pretrained")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty: give a directory or a models:/ URI")
+        return _check_uri_has_no_password(v)
+
+
+class BenchmarkTarget(_Strict):
+    """An unseen target dataset: a ``load_source`` spec (``npz:PATH?classes=6,7``, ``digits``,
+    ``folder:PATH``), ``catalog:NAME`` or ``s3://BUCKET/PREFIX/NAME``."""
+
+    name: str
+    data: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "target name")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data is empty: give a dataset spec such as digits or npz:PATH?classes=6,7,8,9")
+        return _check_uri_has_no_password(v) or v
+
+
+class BenchFinetuneSection(_Strict):
+    """The fine-tune every method gets after pruning (same budget for all)."""
+
+    epochs: int = Field(3, ge=0, le=1000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0, le=10)
+    weight_decay: float = Field(5e-4, ge=0)
+    augment: bool = True
+
+
+class BenchBBDSection(_Strict):
+    """Beta-Bernoulli dropout training on the target (its own budget, reported as mask time)."""
+
+    epochs: int = Field(2, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0, le=10)
+    gate_lr: float = Field(0.05, gt=0, le=10)
+    kl_weight: float | None = Field(None, ge=0)
+    macs_weight: float = Field(20.0, ge=0)
+
+
+class BenchAblationSection(_Strict):
+    """Where the mean task embedding of the ``stamp_mean`` ablation comes from: source tasks only."""
+
+    #: dataset specs of the sources (meta-validation data); required when stamp_mean is run.
+    sources: list[str] = Field(default_factory=list)
+    split: Literal["train", "test"] = "test"
+    tasks: int = Field(8, ge=1, le=10_000)
+    ways: int = Field(5, ge=1)
+    per_class: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class BenchLatencySection(_Strict):
+    """CPU latency: median of ``repeats`` forward passes at a fixed thread count."""
+
+    threads: int = Field(1, ge=1, le=512)
+    repeats_b1: int = Field(10, ge=1)
+    repeats_b64: int = Field(3, ge=1)
+
+
+class BenchmarkConfig(_Strict):
+    """STAMP against pruning baselines on unseen targets at matched MACs (``stamp benchmark``)."""
+
+    kind: Literal["benchmark"] = "benchmark"
+    name: str = "benchmark"
+    #: output directory (results.csv, results.md, PNGs); None = STATE_DIR/benchmark/<name>.
+    out_dir: str | None = None
+    models: list[BenchmarkModel]
+    targets: list[BenchmarkTarget]
+    methods: list[str] = Field(default_factory=lambda: list(BENCHMARK_METHODS))
+    #: MACs budgets r (pruned / full); "full" runs once per target, backbone and seed.
+    budgets: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    #: training images per class drawn (per seed) from the target's train split; None = all.
+    max_train_per_class: int | None = Field(100, ge=1)
+    #: test images per class (fixed subset, the same for every method and seed); None = all.
+    max_test_per_class: int | None = Field(200, ge=1)
+    #: images per class the STAMP set encoder reads.
+    sample_per_class: int = Field(20, ge=1)
+    #: class-balanced images in the one batch SNIP and GraSP score on.
+    score_batch: int = Field(128, ge=2)
+    #: recompute BatchNorm statistics on the target's training images after pruning (every method).
+    recalibrate_bn: bool = True
+    round_to: int = Field(1, ge=1)
+    finetune: BenchFinetuneSection = Field(default_factory=BenchFinetuneSection)
+    bbd: BenchBBDSection = Field(default_factory=BenchBBDSection)
+    ablation: BenchAblationSection = Field(default_factory=BenchAblationSection)
+    latency: BenchLatencySection = Field(default_factory=BenchLatencySection)
+    #: torch threads for everything else (mask, fine-tune); None = torch's default.
+    threads: int | None = Field(None, ge=1, le=512)
+    #: where fine-tuning and evaluation run ("cpu", "cuda", "cuda:1"); masks, MACs and latency stay on CPU.
+    device: str = "cpu"
+    #: recompute cells recorded as failed when the run is resumed.
+    retry_failed: bool = True
+    mlflow: MlflowSection = Field(default_factory=lambda: MlflowSection(experiment="stamp-benchmark"))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "name")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} is not supported: expected cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in BENCHMARK_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}: expected some of {', '.join(BENCHMARK_METHODS)}")
+        return _unique(v, "methods")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not (math.isfinite(r) and 0.0 < r <= 1.0):
+                raise ValueError(f"budget {r} is not in (0, 1]: a budget is pruned MACs / full MACs, e.g. 0.3")
+        return _unique(v, "budgets")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return _unique(v, "seeds")
+
+    @model_validator(mode="after")
+    def _bench_checks(self) -> "BenchmarkConfig":
+        _unique([m.backbone for m in self.models], "models (backbone names)")
+        _unique([t.name for t in self.targets], "targets (names)")
+        if "stamp_mean" in self.methods and not self.ablation.sources:
+            raise ValueError(
+                "ablation.sources: the stamp_mean method needs source dataset specs to average task "
+                "embeddings over (never the targets); add them or drop stamp_mean from methods"
+            )
+        return self
+
+    def flat_params(self) -> dict[str, str]:
+        return _flatten(self.model_dump(mode="json"))
+
+
 JobConfig = Union[PretrainConfig, MetaTrainConfig, TuneConfig]
-_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainConfig, "meta_train": MetaTrainConfig, "tune": TuneConfig}
+_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainConfig, "meta_train": MetaTrainConfig, "tune": TuneConfig,
+                                       "benchmark": BenchmarkConfig}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -615,7 +813,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), model: type[M] 
         model = _KINDS[kind]  # type: ignore[assignment]
     if overrides:
         # Overrides land on the defaults too, so `search.lr.low=...` keeps the default `high`.
-        data = _deep_merge(model().model_dump(mode="json"), data)  # type: ignore[misc]
+        # model_construct: the defaults without validation (a benchmark has required keys).
+        data = _deep_merge(model.model_construct().model_dump(mode="json"), data)  # type: ignore[misc,attr-defined]
         data = apply_overrides(data, overrides)
     return validate_config(data, model, source=str(p))  # type: ignore[arg-type]
 

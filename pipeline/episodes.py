@@ -29,7 +29,9 @@ import logging
 import math
 import os
 import random
+import queue
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -261,7 +263,9 @@ class SampleStream(IterableDataset):
                 # A connection dropped mid-body: skip the shard; a resampled stream comes back to it.
                 bexc.BotoCoreError,
             ) as exc:
-                self._corrupt_shard(url, f"{type(exc).__name__}: {exc}", expected - seen)
+                # Our own mismatch message is complete; a library error needs its type to be understood.
+                reason = str(exc) if isinstance(exc, _ShardMismatch) else f"{type(exc).__name__}: {exc}"
+                self._corrupt_shard(url, reason, expected - seen)
 
     def _corrupt_shard(self, url: str, reason: str, lost: int) -> None:
         self.stats["skipped_corrupt_shard"] += 1
@@ -596,9 +600,10 @@ class EpisodeSampler(IterableDataset):
     def stats(self) -> dict[str, float]:
         """Counters summed over this process's streams, plus ``data_wait_s`` and ``episodes``."""
         out = new_stats()
-        for state in self._states.values():
-            for stream in state.streams.values():
-                for k, v in stream.stats.items():
+        # Snapshots: a prefetch thread may be opening streams while the training loop reports.
+        for state in list(self._states.values()):
+            for stream in list(state.streams.values()):
+                for k, v in list(stream.stats.items()):
                     out[k] += v
         out.update(self._timing)
         return out
@@ -705,3 +710,70 @@ class EpisodeSampler(IterableDataset):
             dataset=name,
             classes=classes,
         )
+
+
+class Prefetcher:
+    """Iterate ``source`` in a background thread, keeping up to ``depth`` items ready.
+
+    Episode assembly (S3 reads, PNG decoding, resizing) then overlaps the training step, whose
+    torch ops release the GIL; in-loop assembly cost 4-20% of step time on 2 cores. Unlike
+    DataLoader workers it needs no extra process (and no extra copy of the stream buffers).
+    An exception in the source is re-raised by ``__next__``; ``close()`` (or the end of a
+    ``with`` block) stops the thread.
+
+    Args:
+        source: any iterator, consumed only by the background thread.
+        depth: items kept ready (>= 1).
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"Prefetcher depth={depth}: expected >= 1")
+        self._source = source
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stamp-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(exc)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # every later call also ends
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item
+        return item
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

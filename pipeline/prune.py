@@ -54,6 +54,7 @@ from stamp_core import (
     prune_for_task,
 )
 from pipeline.sources import ArrayDataset
+from stamp_core.pruner import load_weights
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "pruned_state_dict.pt"
@@ -585,7 +586,7 @@ def load_pruned(out_dir: str | os.PathLike[str]) -> nn.Module:
     expected = spec.metadata.get("weights_sha256")
     if expected is not None and expected != _sha256(data):
         raise ValueError(f"{weights_path} does not belong to {spec_path} (sha256 mismatch): re-run `stamp prune`")
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state = load_weights(io.BytesIO(data), "cpu", what=str(weights_path))
     if "classifier.weight" not in state:
         raise ValueError(f"{weights_path} has no classifier.weight: not a STAMP backbone state_dict")
     model = build_backbone_from_config(spec.backbone)

@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 import stamp_core
 from pipeline.pyfunc_model import DEFAULT_MACS_RATIO, DEFAULT_ROUND_TO, PRUNER_ARTIFACT
 from stamp_core import PruneSpec, StampPruner
+from stamp_core.pruner import WeightsFileError
 
 _log = logging.getLogger(__name__)
 
@@ -677,6 +678,9 @@ def _load_local(path: Path) -> StampPruner:
     if (path / "pruner.json").is_file():
         try:
             return StampPruner.load(path)
+        except WeightsFileError as exc:
+            # Unsafe or corrupt weights: not a version mismatch, say exactly that.
+            raise RegistryError(f"cannot load the pruner in {path}: {exc}") from None
         except (RuntimeError, ValueError, TypeError) as exc:
             # A pruner saved by another stamp_core whose modules changed: say so, not just
             # which state_dict keys differ.
@@ -738,6 +742,120 @@ def load_pruner(uri: str | Path, tracking_uri: str | None = None) -> StampPruner
         if local_path.is_file():
             raise RegistryError(f"{redact(text)} is a single file: expected a model or pruner directory")
         return _load_local(local_path)
+
+
+# ----------------------------------------------------------------------------- from a checkpoint
+
+
+def register_from_checkpoint(
+    source: str | Path,
+    *,
+    name: str = DEFAULT_MODEL_NAME,
+    alias: str | None = None,
+    experiment: str = "stamp-meta-train",
+    storage_path: str | None = None,
+    tracking_uri: str | None = None,
+) -> RegisteredPruner:
+    """Register the pruner a training run left in its checkpoint storage.
+
+    This is the way back when MLflow was unreachable as a job ended: the pruner is safe in the
+    run's checkpoints and is registered later, once the server is back.
+
+    Args:
+        source: a checkpoint directory (``pruner.json`` + ``pruner_state_dict.pt``), a Ray run
+            directory (local or ``s3://``; its latest checkpoint), or a run name under
+            ``storage_path``.
+        name: registered model name.
+        alias: point this alias at the new version (unconditionally).
+        experiment: experiment of the new MLflow run, when the checkpoint's own run is not on
+            this server.
+        storage_path: where run names are looked up (default: the settings' ``ray_results``).
+        tracking_uri: see the module docstring.
+
+    Raises:
+        RegistryError: tracking store unreachable (checked first), no checkpoint at ``source``,
+            or the checkpoint does not hold a loadable pruner.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(tracking_uri)  # fail before downloading anything
+    with tempfile.TemporaryDirectory(prefix="stamp-register-") as tmp:
+        ckpt_dir, where = _checkpoint_dir(str(source), Path(tmp), storage_path)
+        pruner = _load_local(ckpt_dir)
+        try:
+            state = json.loads((ckpt_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        state = state if isinstance(state, dict) else {}
+        run_id = state.get("mlflow_run_id")
+        if run_id:
+            try:
+                client.get_run(str(run_id))
+            except MlflowException:
+                run_id = None  # that run lives on another (or a reset) server: start a new one
+        lineage = {
+            "checkpoint": where,
+            "run_name": state.get("run_name"),
+            "checkpoint_step": state.get("step"),
+            "config_hash": state.get("config_hash"),
+            "source_mlflow_run_id": state.get("mlflow_run_id"),
+        }
+        registered = log_pruner(
+            pruner,
+            name=name,
+            lineage={k: v for k, v in lineage.items() if v is not None},
+            tags={"stamp.registered_from": "checkpoint"},
+            run_id=str(run_id) if run_id else None,
+            experiment=None if run_id else experiment,
+            tracking_uri=uri,
+        )
+    if alias:
+        set_alias(name, alias, registered.version or "latest", tracking_uri=uri)
+    return registered
+
+
+def _checkpoint_dir(source: str, tmp: Path, storage_path: str | None) -> tuple[Path, str]:
+    """(local directory holding the pruner, printable location) for register_from_checkpoint."""
+    from pipeline import s3
+    from pipeline.config import resolved_storage_path
+    from pipeline.train import CHECKPOINT_PREFIX, _download_prefix, checkpoint_to_local, latest_run_checkpoint
+
+    expected = (
+        "expected a checkpoint directory (pruner.json + pruner_state_dict.pt), a Ray run directory "
+        "(local or s3://bucket/prefix/RUN) or the run name of a training job"
+    )
+    shown = redact(source)
+    if source.startswith("s3://"):
+        if s3.exists(s3.join_url(source, "pruner.json")):
+            return _download_prefix(source, tmp / "checkpoint"), source
+        storage, _, run = source.rstrip("/").rpartition("/")
+        if storage in ("s3:", "s3:/") or not run:
+            raise RegistryError(f"{shown}: {expected}")
+    elif "://" in source:
+        raise RegistryError(f"{shown}: unsupported location; {expected}")
+    else:
+        local = Path(source).expanduser()
+        if (local / "pruner.json").is_file():
+            return local, str(local.resolve())
+        if local.is_dir():
+            storage, run = str(local.resolve().parent), local.resolve().name
+        elif "/" in source or "\\" in source or source.startswith("."):
+            raise RegistryError(f"{shown} does not exist: {expected}")
+        else:
+            storage, run = resolved_storage_path(storage_path), source
+    found = latest_run_checkpoint(storage, run)
+    if found is None:
+        if not storage.startswith("s3://"):
+            # A run directory Ray never finished describing (driver killed): its checkpoints are still whole.
+            done = sorted(p for p in (Path(storage) / run).glob(f"{CHECKPOINT_PREFIX}*") if (p / "pruner.json").is_file())
+            if done:
+                return done[-1], str(done[-1])
+        raise RegistryError(f"no checkpoint of run {run!r} under {redact(storage)}: {expected}")
+    checkpoint, _ = found
+    local_dir = checkpoint_to_local(checkpoint, tmp)
+    if not (local_dir / "pruner.json").is_file():
+        raise RegistryError(f"the latest checkpoint of run {run!r} under {redact(storage)} holds no pruner (a pretraining run?)")
+    return local_dir, f"{storage.rstrip('/')}/{run}/{Path(checkpoint.path).name}"
 
 
 # ----------------------------------------------------------------------------- plots

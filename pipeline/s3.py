@@ -186,7 +186,8 @@ def make_s3_client(
         if client is None:
             config = Config(
                 region_name=region,
-                retries={"mode": "standard", "max_attempts": max_attempts},
+                # total_max_attempts counts the first try; botocore's "max_attempts" key counts only retries.
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 # Path style works with SeaweedFS/MinIO on loopback, where bucket subdomains do not resolve.

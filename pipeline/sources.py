@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import dataclasses
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 # -------------------------------------------------------------------------------- file loaders
 
 
+#: Without class_names, names are derived as "0".."K-1" from the largest label; beyond this K the
+#: labels are surely not class ids.
+_MAX_DERIVED_CLASSES = 100_000
+
+
 def load_npz(path: str | os.PathLike[str], name: str | None = None) -> ArrayDataset:
     """Load an archive with ``x_train, y_train, x_test, y_test`` (uint8 NHWC / int) and optional ``class_names``.
 
@@ -160,7 +166,7 @@ def load_npz(path: str | os.PathLike[str], name: str | None = None) -> ArrayData
         if str(exc).startswith(str(path)):
             raise
         raise ValueError(f"{path}: cannot read as .npz without pickles: {exc}") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable .npz archive: {exc}") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -180,6 +186,11 @@ def load_npz(path: str | os.PathLike[str], name: str | None = None) -> ArrayData
         class_names = [str(c) for c in class_names_arr.tolist()]
     else:
         top = max(int(arrays["y_train"].max(initial=0)), int(arrays["y_test"].max(initial=0)))
+        if top >= _MAX_DERIVED_CLASSES:  # one name per id up to the largest label: refuse a giant list
+            raise ValueError(
+                f"{path}: labels go up to {top} and there is no class_names key; expected labels "
+                f"0..K-1 with K <= {_MAX_DERIVED_CLASSES}, or add a class_names key"
+            )
         class_names = [str(i) for i in range(top + 1)]
     try:
         return ArrayDataset(
@@ -235,7 +246,7 @@ def _read_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
 
 
@@ -678,27 +689,36 @@ def load_source(spec: str, name: str | None = None) -> ArrayDataset:
 
     Specs:
         ``procedural:NAME[?n=200&seed=0&test=50]``, ``digits``, ``npz:PATH``, ``folder:PATH``,
-        ``torchvision:CLASS:ROOT`` (e.g. ``torchvision:MNIST:/data``).
+        ``torchvision:CLASS:ROOT`` (e.g. ``torchvision:MNIST:/data``). Any spec takes
+        ``?classes=6,7,8,9`` (joined to other options with ``&``): keep only those class ids,
+        relabelled ``0..K-1`` in the order given, with their class names; the dataset is named
+        ``NAME-c6-7-8-9`` so a class subset never shares a catalog name with its complement.
 
     Args:
         spec: the spec.
         name: override the dataset name (default: procedural name, ``digits``, file/folder stem,
-            lower-cased torchvision class).
+            lower-cased torchvision class, plus the class-subset suffix).
 
     Raises:
         ValueError: unknown kind or malformed spec (the message shows the accepted forms).
     """
-    kind, _, rest = spec.partition(":")
-    forms = "procedural:NAME, digits, npz:PATH, folder:PATH, torchvision:CLASS:ROOT"
+    base, _, query = spec.partition("?")
+    try:
+        opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))) if query else {}
+    except ValueError as exc:  # urllib's message alone ("bad query field") does not name the spec
+        raise ValueError(f"{spec!r}: malformed options after '?' ({exc}); expected key=value pairs joined by '&'") from None
+    classes = _parse_classes(spec, opts.pop("classes")) if "classes" in opts else None
+    kind, _, rest = base.partition(":")
+    forms = "procedural:NAME, digits, npz:PATH, folder:PATH, torchvision:CLASS:ROOT (each optionally ?classes=1,2,...)"
+    if kind != "procedural" and opts:
+        raise ValueError(f"{spec!r}: unknown option(s) {sorted(opts)}; accepted: classes")
     if kind == "procedural":
-        proc_name, _, query = rest.partition("?")
-        opts = dict(parse_qsl(query, keep_blank_values=False, strict_parsing=bool(query)))
         unknown = set(opts) - {"n", "seed", "test"}
         if unknown:
-            raise ValueError(f"{spec!r}: unknown option(s) {sorted(unknown)}; accepted: n, seed, test")
+            raise ValueError(f"{spec!r}: unknown option(s) {sorted(unknown)}; accepted: n, seed, test, classes")
         try:
             ds = build_procedural(
-                proc_name,
+                rest,
                 n_per_class=int(opts.get("n", 200)),
                 seed=int(opts.get("seed", 0)),
                 n_test_per_class=int(opts["test"]) if "test" in opts else None,
@@ -716,6 +736,45 @@ def load_source(spec: str, name: str | None = None) -> ArrayDataset:
         ds = load_torchvision(cls_name, root)
     else:
         raise ValueError(f"cannot parse dataset spec {spec!r}; expected one of: {forms}")
+    if classes is not None:
+        ds = select_classes(ds, classes, spec)
     if name is not None and name != ds.name:
         ds = dataclasses.replace(ds, name=name)
     return ds
+
+
+def _parse_classes(spec: str, raw: str) -> list[int]:
+    expected = "a comma-separated list of distinct class ids >= 0, e.g. classes=6,7,8,9"
+    try:
+        ids = [int(t) for t in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"{spec!r}: classes={raw!r} is not {expected}") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(f"{spec!r}: classes={raw!r} is not {expected}")
+    return ids
+
+
+def select_classes(ds: ArrayDataset, classes: list[int], spec: str = "") -> ArrayDataset:
+    """The images of ``classes`` only, relabelled ``0..K-1`` in the given order, names kept.
+
+    Raises:
+        ValueError: a class id the dataset does not have (the message gives its range).
+    """
+    missing = [c for c in classes if c >= ds.num_classes]
+    if missing:
+        raise ValueError(
+            f"{spec or ds.name!r}: classes {missing} do not exist: dataset {ds.name!r} has class ids "
+            f"0..{ds.num_classes - 1}"
+        )
+    lut = np.full(ds.num_classes, -1, np.int64)
+    lut[classes] = np.arange(len(classes))
+    arrays = {}
+    for split in ("train", "test"):
+        y = lut[getattr(ds, f"y_{split}")]
+        keep = y >= 0
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = getattr(ds, f"x_{split}")[keep], y[keep]
+    suffix = "-c" + "-".join(str(c) for c in classes)
+    return ArrayDataset(
+        name=f"{ds.name}{suffix}"[:128], class_names=[ds.class_names[c] for c in classes],
+        source=f"{ds.source}?classes={','.join(map(str, classes))}", **arrays,
+    )

@@ -450,9 +450,6 @@ class RayHead(Service):
         # Process environments are readable by the same user only; never logged.
         self.job_env = dict(job_env or {})
 
-    def secrets(self) -> list[str]:
-        return [v for k, v in self.job_env.items() if k == "AWS_SECRET_ACCESS_KEY"]
-
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
@@ -496,7 +493,8 @@ class RayHead(Service):
         return _read_token(self.token_path)
 
     def secrets(self) -> list[str]:
-        return [self._token()]
+        # The token, and the S3 secret its jobs inherit: neither may reach a log or status line.
+        return [self._token(), *(v for k, v in self.job_env.items() if k == "AWS_SECRET_ACCESS_KEY")]
 
     def ensure_token(self) -> None:
         if not self._token():

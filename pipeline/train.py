@@ -61,6 +61,7 @@ from pipeline.config import (
 from stamp_core import (
     Backbone,
     MetaConfig,
+    PruneSpec,
     StampPruner,
     TrainConfig,
     build_backbone,
@@ -72,6 +73,7 @@ from stamp_core import (
     prune_for_task,
 )
 from stamp_core import __version__ as stamp_version
+from stamp_core.pruner import load_weights
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pyarrow.fs
@@ -213,6 +215,7 @@ class _Tracker:
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool) -> None:
         self.client = None
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
         self._warned = False
         if enabled and tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
@@ -224,6 +227,9 @@ class _Tracker:
             return
         from mlflow.entities import Metric
 
+        if not self._reachable(f"MLflow logging skipped at step {step} (training continues)"):
+            return
+
         now = int(time.time() * 1000)
         batch = [
             Metric(k, float(v), now, step)
@@ -234,9 +240,33 @@ class _Tracker:
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
         except Exception as exc:  # noqa: BLE001 - any tracking error
-            if not self._warned:
-                log.warning("MLflow logging failed (training continues): %s", exc)
-                self._warned = True
+            self._warn(f"MLflow logging failed (training continues): {exc}")
+
+    def log_plots(self, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> None:
+        """The end-of-run plots (see :func:`log_run_plots`); an MLflow outage only warns."""
+        if self.client is None or not self._reachable("MLflow plots not logged (training result kept)"):
+            return
+        try:
+            log_run_plots(self.client, str(self.run_id), pruner, tasks, cfg)
+        except Exception as exc:  # noqa: BLE001 - plots must never cost the trained pruner
+            self._warn(f"MLflow plots not logged (training result kept): {exc}")
+
+    def _reachable(self, what: str) -> bool:
+        """One short probe: MLflow's client retries an unreachable server for minutes per call,
+        which would stall training (and every other rank, through DDP)."""
+        from pipeline.registry import RegistryError, check_tracking_uri
+
+        try:
+            check_tracking_uri(str(self.tracking_uri), timeout=2.0)
+        except RegistryError as exc:
+            self._warn(f"{what}: {exc}")
+            return False
+        return True
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            log.warning("%s", message)
+            self._warned = True
 
 
 def resolve_sources(cfg_sources: Any, catalog: Any) -> list[str]:
@@ -370,7 +400,7 @@ def load_backbone_dir(directory: Path) -> Backbone:
     """Rebuild a backbone saved by :func:`save_backbone` (weights with ``weights_only=True``)."""
     meta = json.loads((directory / BACKBONE_CONFIG_FILE).read_text())
     model = build_backbone_from_config(meta["backbone"])
-    model.load_state_dict(torch.load(directory / BACKBONE_WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(directory / BACKBONE_WEIGHTS_FILE, "cpu"))
     return model
 
 
@@ -486,16 +516,13 @@ def _cpu_copy(pruner: StampPruner) -> StampPruner:
     return copy
 
 
-def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> dict[str, float]:
-    """Prune every held-out task at ``validation.macs_ratio``, fine-tune briefly, score.
-
-    Runs on a forked RNG so validating does not change the training trajectory.
-    """
+def _validate_at(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig, macs_ratio: float
+                 ) -> tuple[list[float], list[float], list[PruneSpec]]:
+    """Accuracy after / before the fine-tune and the spec of every task pruned at ``macs_ratio``."""
     vc = cfg.validation
-    t0 = time.perf_counter()
-    on_cpu = next(pruner.parameters()).device.type == "cpu"
-    accs, accs0, ratios = [], [], []
+    accs, accs0, specs = [], [], []
     with torch.random.fork_rng(devices=[]):
+        on_cpu = next(pruner.parameters()).device.type == "cpu"
         model = pruner if on_cpu else _cpu_copy(pruner)  # mask calibration runs on CPU
         for i, task in enumerate(tasks):
             res = prune_for_task(
@@ -504,20 +531,67 @@ def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfi
                 task.y_train,
                 task.x_test,
                 task.y_test,
-                macs_ratio=vc.macs_ratio,
+                macs_ratio=macs_ratio,
                 finetune=TrainConfig(epochs=vc.finetune_epochs, batch_size=vc.batch_size, lr=vc.finetune_lr,
                                      seed=vc.seed + i),
             )
             accs.append(float(res.accuracy))
             accs0.append(float(res.accuracy_before_finetune))
-            ratios.append(res.spec.macs_pruned / res.spec.macs_full)
+            specs.append(res.spec)
+    return accs, accs0, specs
+
+
+def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> dict[str, float]:
+    """Prune every held-out task at ``validation.macs_ratio``, fine-tune briefly, score.
+
+    Runs on a forked RNG so validating does not change the training trajectory.
+    """
+    vc = cfg.validation
+    t0 = time.perf_counter()
+    accs, accs0, specs = _validate_at(pruner, tasks, cfg, vc.macs_ratio)
     return {
         "val_accuracy": float(np.mean(accs)),
         "val_accuracy_before_finetune": float(np.mean(accs0)),
-        "val_macs_ratio": float(np.mean(ratios)),
+        "val_macs_ratio": float(np.mean([s.macs_pruned / s.macs_full for s in specs])),
         "val_macs_ratio_target": vc.macs_ratio,
         "val_seconds": time.perf_counter() - t0,
     }
+
+
+def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> list[str]:
+    """The run's plots, as MLflow artifacts under ``plots/``; returns their artifact paths.
+
+    * kept-channel fraction per layer for (up to six) held-out tasks at ``validation.macs_ratio``;
+    * accuracy against MACs ratio over ``validation.curve_ratios`` (+ ``macs_ratio``), mean over tasks;
+    * training curves from the run's metric history (so a resumed run plots its whole history).
+    """
+    from pipeline.registry import plot_accuracy_vs_macs, plot_kept_fractions, plot_training_curves
+
+    vc = cfg.validation
+    figures = {}
+    curve: list[tuple[float, float]] = []
+    kept: dict[str, PruneSpec] = {}
+    for ratio in sorted({*vc.curve_ratios, vc.macs_ratio}):
+        accs, _, specs = _validate_at(pruner, tasks, cfg, ratio)
+        curve.append((float(np.mean([s.macs_pruned / s.macs_full for s in specs])), float(np.mean(accs))))
+        if ratio == vc.macs_ratio:
+            kept = {f"task {i} ({t.dataset} {t.classes})": s for i, (t, s) in enumerate(zip(tasks, specs))}
+    figures["plots/kept_fractions.png"] = plot_kept_fractions(kept)
+    figures["plots/accuracy_vs_macs.png"] = plot_accuracy_vs_macs(
+        {f"STAMP, {len(tasks)} held-out tasks, {vc.finetune_epochs} fine-tune epoch(s)": curve},
+        title="Meta-validation accuracy vs MACs")
+    keys = ["ce", "accuracy", "expected_macs_ratio", "macs_gap", "data_wait_fraction", "val_accuracy"]
+    history: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            history.setdefault(int(m.step), {"step": float(m.step)})[key] = float(m.value)
+    records = [history[s] for s in sorted(history)]
+    present = [k for k in keys if any(k in r for r in records)]
+    if records and present:
+        figures["plots/training_curves.png"] = plot_training_curves(records, present, title=f"Meta-training {cfg.run_name}")
+    for path, fig in figures.items():
+        client.log_figure(run_id, fig, path)
+    return list(figures)
 
 
 # =============================================================================== meta-training loop
@@ -615,7 +689,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     ``cfg.data.sources`` must already be a list (the driver resolves ``"all"``).
     Returns the last reported metrics (plus ``checkpoint`` naming the final checkpoint directory).
     """
-    from pipeline.episodes import EpisodeSampler
+    from pipeline.episodes import EpisodeSampler, Prefetcher
 
     worker_start = time.perf_counter()
     device = ctx.device
@@ -629,7 +703,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         if ckpt is not None:
             pruner = StampPruner.load(ckpt)
             state = json.loads((ckpt / STATE_FILE).read_text())
-            opt_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True)
+            opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
         else:
             torch.manual_seed(cfg.seed)  # same init on every rank (rank 0's is broadcast anyway)
             pruner = build_pruner(cfg)
@@ -692,7 +766,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                                              persistent_workers=True, prefetch_factor=2,
                                              pin_memory=device.type == "cuda")
     in_epoch = start_step % steps_per_epoch
-    episodes = _episode_stream(source, steps_per_epoch - in_epoch if in_epoch else None)
+    episodes: Iterator[Any] = _episode_stream(source, steps_per_epoch - in_epoch if in_epoch else None)
 
     tracker = _Tracker(setup.tracking_uri, mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
     val_tasks: list[ValTask] | None = None
@@ -743,6 +817,8 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                         "time": time.time(), "stamp_version": stamp_version,
                     })
                 tracker.log(metrics, step)
+                if final and val_tasks is not None:
+                    tracker.log_plots(pruner, val_tasks, cfg)
                 _print_progress(ctx, cfg, metrics)
             name = f"{CHECKPOINT_PREFIX}{step:08d}"
             ctx.report(metrics, ckpt_dir, name)
@@ -758,22 +834,28 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         # Nothing left to do (a re-run of a finished run): one report keeps every rank in step.
         _report_done(ctx, step, start_step)
         return {"step": step, "start_step": start_step, "already_done": True}
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        episode = next(episodes)
-        t1 = time.perf_counter()
-        parts = meta_train_step(pruner, episode.to(device), optimizer, meta_cfg, grad_hook=grad_hook)
-        step += 1
-        wait_s += t1 - t0
-        step_s += time.perf_counter() - t0
-        n_steps += 1
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if on_step is not None:
-            on_step(step, parts)
-        _inject_fault(cfg, ctx, step)
-        if step % cfg.report_every == 0 or step == cfg.steps:
-            report(step, final=step == cfg.steps)
+    if cfg.data.prefetch > 0:
+        episodes = Prefetcher(episodes, cfg.data.prefetch)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            episode = next(episodes)
+            t1 = time.perf_counter()
+            parts = meta_train_step(pruner, episode.to(device), optimizer, meta_cfg, grad_hook=grad_hook)
+            step += 1
+            wait_s += t1 - t0
+            step_s += time.perf_counter() - t0
+            n_steps += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if on_step is not None:
+                on_step(step, parts)
+            _inject_fault(cfg, ctx, step)
+            if step % cfg.report_every == 0 or step == cfg.steps:
+                report(step, final=step == cfg.steps)
+    finally:
+        if isinstance(episodes, Prefetcher):
+            episodes.close()
     return last
 
 
@@ -972,10 +1054,18 @@ def _end_mlflow_run(cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, o
         return
     from mlflow.tracking import MlflowClient
 
+    from pipeline.registry import check_tracking_uri, redact
+
+    uri = resolved_tracking_uri(cfg.mlflow)
     try:
-        MlflowClient(resolved_tracking_uri(cfg.mlflow)).set_terminated(run_id, "FINISHED" if ok else "FAILED")
-    except Exception as exc:  # noqa: BLE001 - tracking must not hide the training outcome
-        log.warning("could not close MLflow run %s: %s", run_id, exc)
+        check_tracking_uri(uri)  # MLflow's own retries would hold the finished job for minutes
+        MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    except Exception as exc:  # noqa: BLE001 - RegistryError or any MLflow error: tracking must not hide the outcome
+        where = f"{cfg.storage_path}/{cfg.run_name}"
+        hint = (f"; once MLflow is back, register the pruner with `stamp register --from-checkpoint {where}`"
+                if isinstance(cfg, MetaTrainConfig) else "")
+        log.warning("could not close MLflow run %s at %s: %s The checkpoints are kept in %s%s",
+                    run_id, redact(uri), str(exc).rstrip(".") + ".", where, hint)
 
 
 def _fit(trainer: Any, cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, what: str) -> Any:
@@ -1175,7 +1265,7 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
         if ckpt is not None:
             model = load_backbone_dir(ckpt)
             state = json.loads((ckpt / STATE_FILE).read_text())
-            opt_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True)
+            opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
             start_epoch = int(state["epoch"])
         else:
             torch.manual_seed(cfg.seed)

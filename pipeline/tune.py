@@ -17,8 +17,10 @@ the current champion's (``promote_if_better``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,19 +196,44 @@ def register_best(
     hyperparams: dict[str, float] | None = None,
     run_id: str | None = None,
     lineage: dict[str, Any] | None = None,
+    checkpoint_path: str | None = None,
 ) -> tuple[str | None, bool]:
     """Register the pruner in ``pruner_dir``; move ``cfg.champion_alias`` only if it beats the holder.
 
     Returns ``(version, champion_moved)``.
-    """
-    from pipeline import registry
-    from stamp_core import StampPruner
 
+    Raises:
+        RegistryError: MLflow unreachable or refusing; the message says where the pruner is kept
+            (``checkpoint_path``, else ``pruner_dir``) and the command that registers it later.
+    """
     tracking_uri = resolved_tracking_uri(cfg.meta_train.mlflow)
     objective = {k: float(metrics[k]) for k in (OBJECTIVE, "val_macs_ratio", "val_accuracy_before_finetune")
                  if _float(metrics.get(k)) is not None}
     if OBJECTIVE not in objective:
         raise RuntimeError(f"the best trial reported no {OBJECTIVE}; nothing to register")
+    with _kept_on_registry_error(checkpoint_path or str(pruner_dir), cfg.model_name):
+        return _register(pruner_dir, objective, cfg, hyperparams, run_id, lineage, tracking_uri)
+
+
+@contextlib.contextmanager
+def _kept_on_registry_error(where: str, model_name: str) -> Iterator[None]:
+    """A registry failure at the end of a job: say where the trained pruner is and how to register it."""
+    from pipeline.registry import RegistryError
+
+    try:
+        yield
+    except RegistryError as exc:
+        raise RegistryError(
+            f"{str(exc).rstrip('.')}. The trained pruner was NOT registered; it is kept in {where}. Once MLflow is back, "
+            f"register it with `stamp register --from-checkpoint {where} --name {model_name}`"
+        ) from None
+
+
+def _register(pruner_dir: Path, objective: dict[str, float], cfg: TuneConfig, hyperparams: dict[str, float] | None,
+              run_id: str | None, lineage: dict[str, Any] | None, tracking_uri: str) -> tuple[str | None, bool]:
+    from pipeline import registry
+    from stamp_core import StampPruner
+
     registered = registry.log_pruner(
         StampPruner.load(pruner_dir),
         name=cfg.model_name,
@@ -221,6 +248,33 @@ def register_best(
     moved = registry.promote_if_better(cfg.model_name, registered.version, OBJECTIVE,
                                        alias=cfg.champion_alias, tracking_uri=tracking_uri)
     return registered.version, moved
+
+
+def _placement_group_ids() -> set[str]:
+    from ray.util import placement_group_table
+
+    return set(placement_group_table())
+
+
+def _remove_placement_groups_since(before: set[str]) -> list[str]:
+    """Remove placement groups created during the sweep that outlived it; returns their ids.
+
+    In Ray 2.60 the Train worker group of a trial (each trial's driver function runs a
+    TorchTrainer) can stay reserved after the trial ends: measured after a 2-trial sweep on a
+    2-CPU in-process Ray, both trials' {CPU: 1} groups were still CREATED and every later 1-CPU
+    task waited forever. Once ``fit()`` returns no trial of ours runs, so whatever this sweep
+    created and left is a leak.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    leaked = [pg for pg, info in placement_group_table().items() if pg not in before and info.get("state") != "REMOVED"]
+    for pg in leaked:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    if leaked:
+        log.info("removed %d placement group(s) the sweep's trials left reserved", len(leaked))
+    return leaked
 
 
 def run_tune(cfg: TuneConfig) -> TuneResult:
@@ -256,8 +310,12 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         ),
         run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs),
     )
+    pgs_before = _placement_group_ids()
     try:
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            _remove_placement_groups_since(pgs_before)
         trials = _summaries(grid)
         best = pick_best(trials, mt.steps)
     except BaseException:
@@ -275,7 +333,12 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
                          if str((r.metrics or {}).get("trial_id")) == best.trial_id), {})
     result = TuneResult(name=cfg.name, best=best, pruner_dir=pruner_dir, metrics=best_metrics, trials=trials,
                         mlflow_run_id=parent_run_id, grid=grid)
+    checkpoint_at = f"{str(mt.storage_path or storage).rstrip('/')}/{best.run_name}"
     if parent_run_id is not None:
+        from pipeline.registry import check_tracking_uri
+
+        with _kept_on_registry_error(checkpoint_at, cfg.model_name):
+            check_tracking_uri(resolved_tracking_uri(mt.mlflow))  # MLflow's retries would hold the job for minutes
         _log_parent_summary(mt, parent_run_id, best, best_metrics)
     if cfg.register:
         from pipeline.train import _load_catalog, _s3_endpoint
@@ -285,6 +348,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             pruner_dir, best_metrics, cfg, hyperparams=best.hyperparams, run_id=parent_run_id,
             lineage={"catalog_hash": catalog.content_hash(), "source_datasets": list(mt.data.sources),
                      "config": mt.model_dump(mode="json"), "tune_name": cfg.name, "trial_id": best.trial_id},
+            checkpoint_path=checkpoint_at,
         )
     elif parent_run_id is not None:
         from mlflow.tracking import MlflowClient

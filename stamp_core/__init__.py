@@ -9,7 +9,7 @@ from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, ana
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
 from stamp_core.meta import Episode, MetaConfig, episode_loss, make_optimizer, meta_train_step, prototype_head
 from stamp_core.preprocess import prepare_images
-from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks
+from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
 from stamp_core.spec import PruneSpec, SpecMismatchError
 from stamp_core.train import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, train_classifier
@@ -20,7 +20,7 @@ __all__ = [
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
     "Episode", "MetaConfig", "episode_loss", "make_optimizer", "meta_train_step", "prototype_head",
-    "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks",
+    "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
     "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError",
     "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "train_classifier",
 ]

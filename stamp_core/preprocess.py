@@ -32,7 +32,7 @@ def prepare_images(
         ValueError: empty input, unknown layout, non-finite pixels or floats outside ``[0, 1]``.
     """
     x = torch.as_tensor(images)
-    if x.numel() == 0 or x.shape[0] == 0:
+    if x.ndim > 0 and (x.numel() == 0 or x.shape[0] == 0):  # a 0-d scalar falls to the shape error
         raise ValueError("images is empty: expected at least one image of shape (H, W[, C])")
     if x.ndim == 3:
         x = x.unsqueeze(1)

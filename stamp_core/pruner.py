@@ -9,7 +9,11 @@ channel's expected keep probability and moving one global threshold over an exac
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +32,53 @@ __version__ = "0.1.0"
 
 _CONFIG_FILE = "pruner.json"
 _WEIGHTS_FILE = "pruner_state_dict.pt"
+
+
+class WeightsFileError(ValueError):
+    """A weights/state file cannot be read as plain tensors (corrupt, truncated or not a torch file)."""
+
+
+class UnsafeWeightsError(WeightsFileError):
+    """A weights file holds more than plain tensors (e.g. a pickled callable); it was refused unread."""
+
+
+_WO_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", re.DOTALL)
+
+
+def load_weights(
+    source: str | os.PathLike[str] | io.BytesIO,
+    map_location: str | torch.device = "cpu",
+    what: str | None = None,
+) -> Any:
+    """``torch.load(..., weights_only=True)`` with typed, readable refusals.
+
+    torch's own message for a refused file recommends retrying without the weights-only
+    restriction, which is exactly what must not be done with an untrusted file; ours names the
+    file and says that nothing in it was run.
+
+    Raises:
+        UnsafeWeightsError: the file needs more than tensors and plain containers to load.
+        WeightsFileError: the file is not a readable torch file (truncated, corrupt, missing).
+    """
+    label = what or (str(source) if not isinstance(source, io.BytesIO) else "the weights")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _WO_REASON.search(str(exc))
+        reason = " ".join(found.group(1).split())[:300] if found else type(exc).__name__
+        raise UnsafeWeightsError(
+            f"refused to load {label}: it is not a plain state_dict of tensors ({reason}). "
+            "Nothing in it was executed; it was tampered with or written by other code. "
+            "Use weights saved by STAMP (state_dict + JSON) from a source you trust."
+        ) from None
+    except FileNotFoundError:
+        raise WeightsFileError(f"cannot load {label}: no such file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise WeightsFileError(
+            f"cannot load {label}: not a readable torch weights file ({type(exc).__name__}: {first}); "
+            "it is truncated or corrupt: write it again"
+        ) from None
 
 
 @dataclass
@@ -193,19 +244,29 @@ class StampPruner(nn.Module):
         finally:
             self.train(was_training)
         kept = calibrate_masks(probs, self.structure, r, round_to)
-        counts = torch.tensor([len(k) for k in kept], dtype=torch.float64)
-        return PruneSpec(
-            backbone={k: v for k, v in self.backbone.config.items()},
-            input_shape=self.input_shape,
-            kept={name: k for name, k in zip(self.group_names, kept)},
-            group_sizes={g.name: g.size for g in self.structure.groups},
-            macs_full=self.structure.macs_full,
-            macs_pruned=int(self.structure.macs(counts).item()),
-            params_full=self.structure.params_full,
-            params_pruned=self.structure.params(counts),
-            macs_ratio_target=r,
-            pruner_version=self.config.version,
-        )
+        return spec_from_kept(kept, self.structure, self.backbone.config, r, self.config.version)
+
+    @torch.no_grad()
+    def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """Average task embedding over ``tasks`` (``(images, labels)`` sets, prepared images).
+
+        The mean-embedding ablation prunes every target with this embedding: if its masks do as
+        well as the target's own, the set encoder's adaptivity is not what makes STAMP work.
+        Draw the tasks from data the pruner may see (source / meta-validation tasks), never a target.
+        """
+        if not tasks:
+            raise ValueError("mean_embedding needs at least one (images, labels) task")
+        was_training = self.training
+        self.eval()
+        try:
+            embeddings = []
+            for images, labels in tasks:
+                x, y = self.check_images(images, labels)
+                idx = self.select_support(y, len(x))
+                embeddings.append(self.embed(self.extract_features(x[idx]), None if y is None else y[idx]))
+        finally:
+            self.train(was_training)
+        return torch.stack(embeddings).mean(0)
 
     def build_pruned(self, spec: PruneSpec, num_classes: int | None = None) -> Backbone:
         """The pruner's backbone weights, physically pruned by ``spec``; new classifier if asked."""
@@ -240,7 +301,7 @@ class StampPruner(nn.Module):
         pruner = cls(PrunerConfig(**cfg))
         if signature is not None and signature != pruner.structure.signature():
             raise ValueError(f"{d}: saved group structure does not match backbone {cfg['backbone']}")
-        state = torch.load(d / _WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        state = load_weights(d / _WEIGHTS_FILE, map_location)
         missing, unexpected = _state_dict_mismatch(pruner.state_dict(), state)
         if missing or unexpected:
             raise ValueError(
@@ -301,6 +362,33 @@ def calibrate_masks(
         kept.append(sorted(int(i) for i in local))
         offset += n
     return kept
+
+
+def spec_from_kept(
+    kept: Sequence[Sequence[int]],
+    structure: PrunableStructure,
+    backbone_config: dict[str, Any],
+    macs_ratio: float | None,
+    version: str = __version__,
+    metadata: dict[str, Any] | None = None,
+) -> PruneSpec:
+    """The PruneSpec keeping ``kept[g]`` channels of group ``g``, with exact MACs and params."""
+    if len(kept) != structure.num_groups:
+        raise ValueError(f"got kept channels for {len(kept)} groups: expected {structure.num_groups}")
+    counts = torch.tensor([len(k) for k in kept], dtype=torch.float64)
+    return PruneSpec(
+        backbone=dict(backbone_config),
+        input_shape=structure.input_shape,
+        kept={g.name: [int(i) for i in k] for g, k in zip(structure.groups, kept)},
+        group_sizes={g.name: g.size for g in structure.groups},
+        macs_full=structure.macs_full,
+        macs_pruned=int(structure.macs(counts).item()),
+        params_full=structure.params_full,
+        params_pruned=structure.params(counts),
+        macs_ratio_target=macs_ratio,
+        pruner_version=version,
+        metadata=dict(metadata or {}),
+    )
 
 
 def _state_dict_mismatch(expected: dict[str, torch.Tensor], got: Any) -> tuple[list[str], list[str]]:

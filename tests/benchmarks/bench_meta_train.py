@@ -55,7 +55,8 @@ def _config(args: argparse.Namespace, catalog: str, storage: str, name: str, wor
         steps=args.steps,
         report_every=interval,
         checkpoint_every=args.steps if args.steps % interval == 0 else interval,
-        data={"catalog_url": catalog, "sources": list(SOURCES), "image_size": args.image_size},
+        data={"catalog_url": catalog, "sources": list(SOURCES), "image_size": args.image_size,
+              "prefetch": args.prefetch},
         episodes={"ways": [args.ways, args.ways], "support_per_class": args.support_per_class,
                   "query_size": args.query_size},
         validation={"enabled": False},
@@ -93,6 +94,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="even; the first half is warm-up")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--prefetch", type=int, default=2, help="episodes assembled ahead by a thread (0 = in the loop)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.steps < 2 or args.steps % 2:

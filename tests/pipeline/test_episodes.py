@@ -393,3 +393,38 @@ def test_s3_streaming_counts_corrupt_shard_and_builds_episodes(seaweedfs: object
 def test_s3_missing_catalog_is_a_clear_error(seaweedfs: object, s3_bucket: str) -> None:
     with pytest.raises(s3.ObjectNotFoundError, match=rf"s3://{s3_bucket}/nothing/catalog.json"):
         EpisodeSampler(f"s3://{s3_bucket}/nothing/catalog.json")
+
+
+def test_prefetcher_keeps_order_raises_source_errors_and_stops() -> None:
+    import threading
+
+    from pipeline.episodes import Prefetcher
+
+    with Prefetcher(iter(range(50)), depth=3) as items:
+        assert list(items) == list(range(50))
+        with pytest.raises(StopIteration):
+            next(items)  # stays exhausted
+
+    def failing():
+        yield 1
+        raise DataQualityError("shard s3://b/x-000001.tar is corrupt")
+
+    items = Prefetcher(failing(), depth=2)
+    assert next(items) == 1
+    with pytest.raises(DataQualityError, match="x-000001.tar is corrupt"):
+        next(items)
+    items.close()
+
+    # An endless source: close() ends the thread although the consumer stopped early.
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    items = Prefetcher(endless(), depth=2)
+    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
+    items.close()
+    assert not any(t.name == "stamp-prefetch" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(ValueError, match="depth=0: expected >= 1"):
+        Prefetcher(iter([]), depth=0)

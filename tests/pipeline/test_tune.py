@@ -4,6 +4,7 @@ best pruner is registered in MLflow, with the champion alias moving only for a b
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,14 @@ def test_two_trial_tune_registers_best_and_guards_the_champion(
     )
     result = run_tune(cfg)
 
+    # No trial keeps CPUs reserved once the sweep is over (Ray Train worker groups used to leak,
+    # and every later 1-CPU task in this Ray waited forever).
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     assert len(result.trials) == 2
     assert all(t.error is None and t.val_accuracy is not None and t.step == 4 for t in result.trials)
     assert result.best.val_accuracy == max(t.val_accuracy for t in result.trials)  # type: ignore[misc]
