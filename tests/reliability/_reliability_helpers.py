@@ -6,6 +6,8 @@ their directory on ``sys.path``.
 
 from __future__ import annotations
 
+import time
+
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,9 +60,28 @@ class PrivateS3:
     def kill(self) -> list[int]:
         return kill_service(self.server)
 
-    def restart(self) -> None:
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start again on the same data and ports; return once stored objects can be read again.
+
+        SeaweedFS answers health checks before it has reloaded its volumes: reads right after a
+        restart answered InternalError for a moment (seen once in CI). "The server is back" means
+        the data is readable, so wait for one object of every bucket.
+        """
         self.server = self.make()
-        self.server.start(timeout=60)
+        self.server.start(timeout=timeout)
+        client = self.server.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                for bucket in client.list_buckets().get("Buckets", []):
+                    listed = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", [])
+                    if listed:
+                        client.get_object(Bucket=bucket["Name"], Key=listed[0]["Key"])["Body"].read()
+                return
+            except Exception:  # noqa: BLE001 - not ready yet; the deadline bounds the wait
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 @contextmanager
