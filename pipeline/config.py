@@ -76,6 +76,14 @@ def _check_storage_path(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
+def _check_backbone(name: str) -> str:
+    from stamp_core.backbones import list_backbones  # light: torch only
+
+    if name not in list_backbones():
+        raise ValueError(f"unknown backbone {name!r}: expected one of {', '.join(list_backbones())}")
+    return name
+
+
 class _Strict(BaseModel):
     """Base: unknown keys are errors; assignments are validated too."""
 
@@ -339,11 +347,7 @@ class _JobBase(_Strict):
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, v: str) -> str:
-        from stamp_core.backbones import list_backbones  # light: torch only
-
-        if v not in list_backbones():
-            raise ValueError(f"unknown backbone {v!r}: expected one of {', '.join(list_backbones())}")
-        return v
+        return _check_backbone(v)
 
     def config_hash(self, exclude: Iterable[str] = ()) -> str:
         """sha256 of the canonical JSON of the config without ``exclude`` (top-level keys)."""
@@ -537,11 +541,7 @@ class BenchmarkModel(_Strict):
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, v: str) -> str:
-        from stamp_core.backbones import list_backbones
-
-        if v not in list_backbones():
-            raise ValueError(f"unknown backbone {v!r}: expected one of {', '.join(list_backbones())}")
-        return v
+        return _check_backbone(v)
 
     @field_validator("pruner", "pretrained")
     @classmethod
