@@ -242,12 +242,13 @@ class _Tracker:
         except Exception as exc:  # noqa: BLE001 - any tracking error
             self._warn(f"MLflow logging failed (training continues): {exc}")
 
-    def log_plots(self, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> None:
+    def log_plots(self, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig,
+                  at_budget: tuple[float, float, list[PruneSpec]] | None = None) -> None:
         """The end-of-run plots (see :func:`log_run_plots`); an MLflow outage only warns."""
         if self.client is None or not self._reachable("MLflow plots not logged (training result kept)"):
             return
         try:
-            log_run_plots(self.client, str(self.run_id), pruner, tasks, cfg)
+            log_run_plots(self.client, str(self.run_id), pruner, tasks, cfg, at_budget)
         except Exception as exc:  # noqa: BLE001 - plots must never cost the trained pruner
             self._warn(f"MLflow plots not logged (training result kept): {exc}")
 
@@ -541,14 +542,18 @@ def _validate_at(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig
     return accs, accs0, specs
 
 
-def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> dict[str, float]:
+def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig,
+                  specs_out: list[PruneSpec] | None = None) -> dict[str, float]:
     """Prune every held-out task at ``validation.macs_ratio``, fine-tune briefly, score.
 
-    Runs on a forked RNG so validating does not change the training trajectory.
+    Runs on a forked RNG so validating does not change the training trajectory. ``specs_out``,
+    when given, receives each task's spec (the end-of-run plots reuse them).
     """
     vc = cfg.validation
     t0 = time.perf_counter()
     accs, accs0, specs = _validate_at(pruner, tasks, cfg, vc.macs_ratio)
+    if specs_out is not None:
+        specs_out[:] = specs
     return {
         "val_accuracy": float(np.mean(accs)),
         "val_accuracy_before_finetune": float(np.mean(accs0)),
@@ -558,8 +563,12 @@ def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfi
     }
 
 
-def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig) -> list[str]:
+def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig,
+                  at_budget: tuple[float, float, list[PruneSpec]] | None = None) -> list[str]:
     """The run's plots, as MLflow artifacts under ``plots/``; returns their artifact paths.
+
+    ``at_budget`` = (real MACs ratio, accuracy, specs) already measured at ``validation.macs_ratio``
+    (by the final :func:`meta_validate`), so that budget is not pruned and fine-tuned twice.
 
     * kept-channel fraction per layer for (up to six) held-out tasks at ``validation.macs_ratio``;
     * accuracy against MACs ratio over ``validation.curve_ratios`` (+ ``macs_ratio``), mean over tasks;
@@ -572,8 +581,12 @@ def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[Val
     curve: list[tuple[float, float]] = []
     kept: dict[str, PruneSpec] = {}
     for ratio in sorted({*vc.curve_ratios, vc.macs_ratio}):
-        accs, _, specs = _validate_at(pruner, tasks, cfg, ratio)
-        curve.append((float(np.mean([s.macs_pruned / s.macs_full for s in specs])), float(np.mean(accs))))
+        if ratio == vc.macs_ratio and at_budget is not None:
+            real_ratio, acc, specs = at_budget
+            curve.append((real_ratio, acc))
+        else:
+            accs, _, specs = _validate_at(pruner, tasks, cfg, ratio)
+            curve.append((float(np.mean([s.macs_pruned / s.macs_full for s in specs])), float(np.mean(accs))))
         if ratio == vc.macs_ratio:
             kept = {f"task {i} ({t.dataset} {t.classes})": s for i, (t, s) in enumerate(zip(tasks, specs))}
     figures["plots/kept_fractions.png"] = plot_kept_fractions(kept)
@@ -805,10 +818,11 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         with tempfile.TemporaryDirectory(prefix="stamp-ckpt-", ignore_cleanup_errors=True) as tmp:
             ckpt_dir = None
             if ctx.rank == 0:
+                final_specs: list[PruneSpec] = []
                 if val_due:
                     if val_tasks is None:
                         val_tasks = build_val_tasks(cfg, setup)
-                    metrics.update(meta_validate(pruner, val_tasks, cfg))
+                    metrics.update(meta_validate(pruner, val_tasks, cfg, final_specs))
                 if ckpt_due:
                     ckpt_dir = write_meta_checkpoint(Path(tmp) / "ckpt", pruner, optimizer, {
                         "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
@@ -817,8 +831,9 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                         "time": time.time(), "stamp_version": stamp_version,
                     })
                 tracker.log(metrics, step)
-                if final and val_tasks is not None:
-                    tracker.log_plots(pruner, val_tasks, cfg)
+                if final and val_due:
+                    tracker.log_plots(pruner, val_tasks, cfg,
+                                      (metrics["val_macs_ratio"], metrics["val_accuracy"], final_specs))
                 _print_progress(ctx, cfg, metrics)
             name = f"{CHECKPOINT_PREFIX}{step:08d}"
             ctx.report(metrics, ckpt_dir, name)

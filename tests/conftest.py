@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +151,18 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared datasets not found at {path} (expected ../shared/datasets next to the repo)")
     return path
+
+
+@pytest.fixture()
+def unprivileged_prefix() -> list[str]:
+    """Command prefix under which permission bits bind (skips when that cannot be arranged).
+
+    root ignores a directory's mode; with these capabilities dropped it obeys it like anyone.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    prefix = [str(setpriv), "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: no directory is read-only")
+    return prefix

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -156,17 +155,11 @@ def run_prune_process(pruner_dir: Path, out: Path, prelude: str = "", prefix: Se
     return subprocess.run([*prefix, sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
 
 
-def test_read_only_output_dir_fails_clearly(pruner_dir: Path, tmp_path: Path) -> None:
+def test_read_only_output_dir_fails_clearly(pruner_dir: Path, tmp_path: Path, unprivileged_prefix: list[str]) -> None:
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o555)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        # root ignores permission bits; without these capabilities it obeys them like anyone.
-        setpriv = shutil.which("setpriv")
-        prefix = [str(setpriv), "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-        if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
-            pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: no directory is read-only")
+    prefix = unprivileged_prefix
     try:
         proc = run_prune_process(pruner_dir, out, prefix=prefix)
     finally:

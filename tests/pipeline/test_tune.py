@@ -124,6 +124,10 @@ def test_two_trial_tune_registers_best_and_guards_the_champion(
         filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
     )
     assert len(children) == 2 and all("val_accuracy" in r.data.metrics for r in children)
+    # Each trial's run got its end-of-run plots from rank 0.
+    for child in children:
+        plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        assert plots == {"plots/kept_fractions.png", "plots/accuracy_vs_macs.png", "plots/training_curves.png"}
 
     # The first registered version becomes champion.
     assert (result.registered_version, result.champion_moved) == ("1", True)

@@ -412,16 +412,10 @@ def test_full_disk_leaves_the_previous_output_untouched(
 
 
 def test_read_only_output_dir_keeps_the_previous_output(
-    pruner_dir: Path, previous_output: tuple[Path, dict[str, bytes]]
+    pruner_dir: Path, previous_output: tuple[Path, dict[str, bytes]], unprivileged_prefix: list[str]
 ) -> None:
     out, before = previous_output
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        # root ignores permission bits; without these capabilities it obeys them like anyone.
-        setpriv = shutil.which("setpriv")
-        prefix = [str(setpriv), "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-        if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
-            pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: no directory is read-only")
+    prefix = unprivileged_prefix
     code = (
         "import sys\n"
         "from pipeline.prune import OutputDirError, prune_dataset\n"
