@@ -3,7 +3,7 @@
 Depends on PyTorch and torch-pruning only: no Ray, MLflow, S3 or CLI code lives here.
 """
 
-from stamp_core.adapt import PruneResult, default_finetune, prune_for_task
+from stamp_core.prune import PruneResult, build_task_model, default_finetune, prune_and_finetune, prune_for_task, recalibrate_batchnorm
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
@@ -12,15 +12,15 @@ from stamp_core.preprocess import prepare_images
 from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
 from stamp_core.spec import PruneSpec, SpecMismatchError
-from stamp_core.train import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, train_classifier
+from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, random_shift, train_classifier
 
 __all__ = [
-    "PruneResult", "default_finetune", "prune_for_task",
+    "PruneResult", "build_task_model", "default_finetune", "prune_and_finetune", "prune_for_task", "recalibrate_batchnorm",
     "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
     "Episode", "MetaConfig", "episode_loss", "make_optimizer", "meta_train_step", "prototype_head",
     "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
     "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError",
-    "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "train_classifier",
+    "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "random_shift", "train_classifier",
 ]

@@ -34,6 +34,7 @@ import torch_pruning as tp
 
 from stamp_core.groups import ChannelGates, PrunableStructure
 from stamp_core.mask_generator import A_UC_INIT, B_UC_INIT, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
+from stamp_core.prune import recalibrate_batchnorm  # noqa: F401 - moved; the benchmark still imports it here
 from stamp_core.pruner import __version__, calibrate_masks, spec_from_kept
 from stamp_core.spec import PruneSpec
 
@@ -238,40 +239,6 @@ def score_synflow(model: nn.Module, structure: PrunableStructure) -> GroupScores
     grads = torch.autograd.grad(r, list(params.values()), allow_unused=True)
     saliency = {n: (p * g).abs() for (n, p), g in zip(params.items(), grads) if g is not None}
     return per_channel_sum(net, structure, saliency)
-
-
-# ----------------------------------------------------------------------------- after pruning
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
-    """Recompute every BatchNorm's running statistics on ``x`` (train-mode forward, no gradient).
-
-    A pruned network keeps the statistics its full parent measured on the source data; both the
-    removed channels and the new domain change what each norm sees. Without this step eval-mode
-    features (prototype head, test accuracy) and train-mode features (fine-tuning) disagree so
-    much that a short fine-tune of a magnitude-pruned net ends at chance in our runs. It is one
-    pass over the target's training images, applied to every method alike.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    if len(x) == 0:
-        raise ValueError("recalibrate_batchnorm needs at least one image")
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: every image counts equally
-    model.train()
-    try:
-        for i in range(0, len(x), batch_size):
-            if len(x[i:i + batch_size]) > 1 or i == 0:
-                model(x[i:i + batch_size])
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- Beta-Bernoulli dropout

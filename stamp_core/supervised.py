@@ -30,7 +30,7 @@ class TrainConfig:
     seed: int = 0  #: shuffling and augmentation seed
 
 
-def _random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
@@ -62,7 +62,7 @@ def train_classifier(
             idx = perm[i:i + cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if cfg.augment:
-                xb = _random_shift(xb, 2, gen)
+                xb = random_shift(xb, 2, gen)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
