@@ -18,14 +18,20 @@ Scorers:
 - :func:`train_beta_bernoulli_dropout`: Beta-Bernoulli dropout (Lee et al. 2018) on the target:
   per-channel Kumaraswamy posteriors trained with the network under a KL prior and a MACs penalty;
   the slow single-task method STAMP amortises.
+
+Each method is registered under a name (:func:`register_criterion`, timm-style) with one signature,
+``score(ScoringInput) -> scores``; :func:`spec_by_criterion` is the factory funnel the benchmark and
+any other consumer use, and a miss lists what exists. A new criterion (or a deliberately bad one
+in a test) is one decorated function.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,9 +47,6 @@ from stamp_core.spec import PruneSpec
 GroupScores = list[torch.Tensor]
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)
 
-#: Methods whose raw scores live on different scales per layer (weight counts, depth): their
-#: scores are divided by the group's mean absolute score before one global threshold ranks them.
-NORMALIZED_METHODS = ("l1", "snip", "grasp", "synflow")
 
 
 # ----------------------------------------------------------------------------- selection
@@ -335,3 +338,125 @@ def train_beta_bernoulli_dropout(
     with torch.no_grad():
         scores = [kumaraswamy_mean(F.softplus(a) + 1e-6, F.softplus(b) + 1e-6).double() for a, b in zip(a_uc, b_uc)]
     return BBDResult(scores, time.perf_counter() - t0, history)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass
+class ScoringInput:
+    """What a criterion may look at to score the channels of one task."""
+
+    model: nn.Module  #: the weights to prune, with a prototype head for the task's classes
+    structure: PrunableStructure  #: its prunable groups and MACs model
+    x: torch.Tensor  #: the task's prepared training images
+    y: torch.Tensor  #: their labels ``0..K-1``
+    macs_ratio: float  #: the budget the mask is for
+    seed: int = 0  #: seed of any randomness (random channels, batch choice, BBD)
+    score_batch: int = 128  #: class-balanced images for one-batch criteria (SNIP, GraSP)
+    bbd: BBDConfig | None = None  #: Beta-Bernoulli dropout settings (its seed is replaced by ``seed``)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered way to score channels."""
+
+    name: str
+    label: str  #: human-readable name for tables
+    score: Callable[[ScoringInput], GroupScores]
+    #: scores live on different scales per layer (weight counts, depth): divide each group's scores by
+    #: their mean absolute value before one global threshold ranks them.
+    normalize: bool = False
+    #: trains ``model`` in place (BBD): the trained weights are the ones pruned, and the time counts.
+    trains: bool = False
+
+
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, label: str, normalize: bool = False, trains: bool = False) -> Callable[[Callable[[ScoringInput], GroupScores]], Callable[[ScoringInput], GroupScores]]:
+    """Decorator registering ``fn(ScoringInput) -> scores`` as criterion ``name`` (re-registering replaces it)."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"criterion name {name!r}: expected letters, digits and underscores")
+
+    def add(fn: Callable[[ScoringInput], GroupScores]) -> Callable[[ScoringInput], GroupScores]:
+        _CRITERIA[name] = Criterion(name, label, fn, normalize, trains)
+        return fn
+
+    return add
+
+
+def unregister_criterion(name: str) -> None:
+    """Remove a criterion (tests that plant one clean up with this)."""
+    _CRITERIA.pop(name, None)
+
+
+def list_criteria() -> list[str]:
+    """Names of the registered criteria, in registration order."""
+    return list(_CRITERIA)
+
+
+def get_criterion(name: str) -> Criterion:
+    """The registered criterion ``name``; ``ValueError`` listing what exists on a miss."""
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"unknown pruning criterion {name!r}: expected one of {', '.join(_CRITERIA)}") from None
+
+
+def spec_by_criterion(name: str, inp: ScoringInput, backbone_config: dict[str, Any], round_to: int = 1) -> PruneSpec:
+    """Score with criterion ``name`` and calibrate to ``inp.macs_ratio`` (:func:`select_spec`)."""
+    criterion = get_criterion(name)
+    scores = criterion.score(inp)
+    return select_spec(scores, inp.structure, backbone_config, inp.macs_ratio, round_to,
+                       normalize=criterion.normalize, metadata={"method": name})
+
+
+def _one_batch(inp: ScoringInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced batch of about ``score_batch`` images, seeded."""
+    classes = torch.unique(inp.y)
+    per_class = max(1, inp.score_batch // len(classes))
+    gen = torch.Generator().manual_seed(inp.seed)
+    picked = [idx[torch.randperm(len(idx), generator=gen)[:per_class]] for idx in (torch.nonzero(inp.y == c).flatten() for c in classes)]
+    b = torch.sort(torch.cat(picked)).values
+    return inp.x[b], inp.y[b]
+
+
+@register_criterion("uniform", "uniform width")
+def _uniform(inp: ScoringInput) -> GroupScores:
+    return score_uniform(inp.structure)
+
+
+@register_criterion("random", "random channels")
+def _random(inp: ScoringInput) -> GroupScores:
+    return score_random(inp.structure, inp.seed)
+
+
+@register_criterion("l1", "L1 magnitude", normalize=True)
+def _l1(inp: ScoringInput) -> GroupScores:
+    return score_l1(inp.model, inp.structure)
+
+
+@register_criterion("snip", "SNIP", normalize=True)
+def _snip(inp: ScoringInput) -> GroupScores:
+    return score_snip(inp.model, inp.structure, *_one_batch(inp))
+
+
+@register_criterion("grasp", "GraSP", normalize=True)
+def _grasp(inp: ScoringInput) -> GroupScores:
+    return score_grasp(inp.model, inp.structure, *_one_batch(inp))
+
+
+@register_criterion("synflow", "SynFlow", normalize=True)
+def _synflow(inp: ScoringInput) -> GroupScores:
+    return score_synflow(inp.model, inp.structure)
+
+
+@register_criterion("bbd", "Beta-Bernoulli dropout", trains=True)
+def _bbd(inp: ScoringInput) -> GroupScores:
+    cfg = dataclasses.replace(inp.bbd or BBDConfig(), seed=inp.seed)
+    return train_beta_bernoulli_dropout(inp.model, inp.structure, inp.x, inp.y, inp.macs_ratio, cfg).scores
+
+
+#: Criteria whose raw scores are normalised per group (kept for callers of select_spec).
+NORMALIZED_METHODS = tuple(n for n, c in _CRITERIA.items() if c.normalize)

@@ -245,3 +245,31 @@ def test_mean_embedding_is_the_average_of_task_embeddings_and_drives_generate() 
         pruner.mean_embedding([])
 
 
+
+
+def test_criteria_registry_scores_through_one_funnel_and_names_what_exists() -> None:
+    from stamp_core.baselines import ScoringInput, get_criterion, list_criteria, register_criterion, spec_by_criterion, unregister_criterion
+
+    assert list_criteria()[:7] == ["uniform", "random", "l1", "snip", "grasp", "synflow", "bbd"]
+    with pytest.raises(ValueError, match="unknown pruning criterion 'l2'.*uniform, random, l1"):
+        get_criterion("l2")
+    model, structure = _net()
+    inp = ScoringInput(model, structure, torch.randn(8, *SHAPE), torch.arange(8) % 4, macs_ratio=0.4)
+    via_registry = spec_by_criterion("l1", inp, model.config)
+    direct = select_spec(score_l1(model, structure), structure, model.config, 0.4, normalize=True, metadata={"method": "l1"})
+    assert via_registry.kept == direct.kept
+
+    @register_criterion("l1_least", "least L1 (planted)", normalize=True)
+    def _least(i: ScoringInput) -> list[torch.Tensor]:
+        return [-s for s in score_l1(i.model, i.structure)]
+
+    try:
+        least = spec_by_criterion("l1_least", inp, model.config)
+        # The opposite ranking keeps (almost) disjoint channels in every group that is pruned at all.
+        shared = sum(len(set(least.kept[g]) & set(direct.kept[g])) for g in direct.kept)
+        assert shared < 0.5 * sum(len(k) for k in direct.kept.values())
+    finally:
+        unregister_criterion("l1_least")
+    assert "l1_least" not in list_criteria()
+    with pytest.raises(ValueError, match="criterion name"):
+        register_criterion("bad name!", "x")
