@@ -9,7 +9,10 @@ difference in accuracy is the mask's (and the weights'), never the plumbing's.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +44,9 @@ class PruneResult:
     prune_seconds: float  #: data in hand -> pruned architecture with weights and head
     finetune_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    #: epochs -> (test accuracy, fine-tune seconds) of complete fine-tunes of the same start (``curve_epochs``);
+    #: 0 is the prototype head and the fine-tune of ``finetune.epochs`` is always included.
+    curve: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -112,6 +118,7 @@ def prune_and_finetune(
     y_test: torch.Tensor | None = None,
     finetune: TrainConfig | None = None,
     recalibrate_bn: bool = True,
+    curve_epochs: Sequence[int] = (),
 ) -> PruneResult:
     """Apply a mask to ``weights`` and fine-tune the small network on the task: the whole path after the mask.
 
@@ -122,18 +129,32 @@ def prune_and_finetune(
         x_test, y_test: optional held-out split for the accuracies.
         finetune: fine-tune settings (:func:`default_finetune` if None); ``epochs=0`` keeps the prototype head.
         recalibrate_bn: recompute BatchNorm statistics on ``x_train`` before the head is built.
+        curve_epochs: also fine-tune copies of the same start for these numbers of epochs, each a
+            complete schedule, and record their test accuracy and time in ``curve`` (needs a test split).
     """
     finetune = finetune or default_finetune()
+    has_test = x_test is not None and y_test is not None
+    if curve_epochs and not has_test:
+        raise ValueError("curve_epochs needs x_test and y_test: the curve is test accuracy per fine-tune length")
+    if any(int(e) < 0 for e in curve_epochs):
+        raise ValueError(f"curve_epochs={list(curve_epochs)}: expected non-negative epoch counts")
     t0 = time.perf_counter()
     model = build_task_model(weights, spec, x_train, y_train, recalibrate_bn=recalibrate_bn)
     prune_seconds = time.perf_counter() - t0
-    has_test = x_test is not None and y_test is not None
     acc0 = evaluate_accuracy(model, x_test, y_test) if has_test else None
+    curve: dict[int, tuple[float, float]] = {0: (acc0, 0.0)} if has_test else {}
+    for epochs in sorted({int(e) for e in curve_epochs} - {0, finetune.epochs}):
+        branch = copy.deepcopy(model)
+        t = time.perf_counter()
+        train_classifier(branch, x_train, y_train, dataclasses.replace(finetune, epochs=epochs))
+        curve[epochs] = (evaluate_accuracy(branch, x_test, y_test), time.perf_counter() - t)
     t1 = time.perf_counter()
     history = train_classifier(model, x_train, y_train, finetune) if finetune.epochs > 0 else []
     finetune_seconds = time.perf_counter() - t1
     acc = evaluate_accuracy(model, x_test, y_test) if has_test else None
-    return PruneResult(spec, model, acc0, acc, prune_seconds, finetune_seconds, history)
+    if has_test:
+        curve[finetune.epochs] = (acc, finetune_seconds)
+    return PruneResult(spec, model, acc0, acc, prune_seconds, finetune_seconds, history, dict(sorted(curve.items())))
 
 
 def prune_for_task(

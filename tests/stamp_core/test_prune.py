@@ -114,3 +114,17 @@ def test_bad_task_is_refused(pruner, task) -> None:
     x, y, _, _ = task
     with pytest.raises(ValueError, match="expected the same, non-zero count"):
         build_task_model(pruner.backbone, None, x[:5], y[:4])
+
+
+def test_curve_points_are_complete_fine_tunes_of_the_same_start(pruner, task) -> None:
+    x, y, xt, yt = task
+    spec = pruner.generate(x, y, macs_ratio=0.5)
+    ft = TrainConfig(epochs=2, batch_size=16, seed=1)
+    res = prune_and_finetune(pruner.backbone, spec, x, y, xt, yt, ft, curve_epochs=[1, 2, 0])
+    assert sorted(res.curve) == [0, 1, 2]
+    assert res.curve[0] == (res.accuracy_before_finetune, 0.0) and res.curve[2][0] == res.accuracy
+    # The 1-epoch point is its own complete schedule: the same as a plain 1-epoch run.
+    one = prune_and_finetune(pruner.backbone, spec, x, y, xt, yt, TrainConfig(epochs=1, batch_size=16, seed=1))
+    assert res.curve[1][0] == one.accuracy
+    with pytest.raises(ValueError, match="curve_epochs needs x_test"):
+        prune_and_finetune(pruner.backbone, spec, x, y, finetune=ft, curve_epochs=[1])
