@@ -109,6 +109,22 @@ def build_task_model(
     return model.eval()
 
 
+def _finetune(model: Backbone, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, recalibrate_bn: bool) -> list[dict[str, float]]:
+    """Fine-tune, then (``recalibrate_bn``) measure BatchNorm statistics of the *final* weights ("precise BN").
+
+    A short fine-tune leaves the running statistics an exponential average over weights that kept
+    changing: on a freshly pruned net with few steps per epoch the eval-mode network then scored
+    below its own prototype head (sklearn digits, resnet20, r=0.3: 69.6% before, 63.2% after one
+    epoch; train-mode accuracy stayed higher). One more pass over the training images fixes that.
+    """
+    if cfg.epochs <= 0:
+        return []
+    history = train_classifier(model, x, y, cfg)
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, x)
+    return history
+
+
 def prune_and_finetune(
     weights: Backbone,
     spec: PruneSpec | None,
@@ -128,7 +144,8 @@ def prune_and_finetune(
         x_train, y_train: prepared images and labels ``0..K-1`` of the target task.
         x_test, y_test: optional held-out split for the accuracies.
         finetune: fine-tune settings (:func:`default_finetune` if None); ``epochs=0`` keeps the prototype head.
-        recalibrate_bn: recompute BatchNorm statistics on ``x_train`` before the head is built.
+        recalibrate_bn: recompute BatchNorm statistics on ``x_train`` before the head is built and
+            again after fine-tuning (statistics of the final weights).
         curve_epochs: also fine-tune copies of the same start for these numbers of epochs, each a
             complete schedule, and record their test accuracy and time in ``curve`` (needs a test split).
     """
@@ -146,10 +163,10 @@ def prune_and_finetune(
     for epochs in sorted({int(e) for e in curve_epochs} - {0, finetune.epochs}):
         branch = copy.deepcopy(model)
         t = time.perf_counter()
-        train_classifier(branch, x_train, y_train, dataclasses.replace(finetune, epochs=epochs))
+        _finetune(branch, x_train, y_train, dataclasses.replace(finetune, epochs=epochs), recalibrate_bn)
         curve[epochs] = (evaluate_accuracy(branch, x_test, y_test), time.perf_counter() - t)
     t1 = time.perf_counter()
-    history = train_classifier(model, x_train, y_train, finetune) if finetune.epochs > 0 else []
+    history = _finetune(model, x_train, y_train, finetune, recalibrate_bn)
     finetune_seconds = time.perf_counter() - t1
     acc = evaluate_accuracy(model, x_test, y_test) if has_test else None
     if has_test:

@@ -128,3 +128,14 @@ def test_curve_points_are_complete_fine_tunes_of_the_same_start(pruner, task) ->
     assert res.curve[1][0] == one.accuracy
     with pytest.raises(ValueError, match="curve_epochs needs x_test"):
         prune_and_finetune(pruner.backbone, spec, x, y, finetune=ft, curve_epochs=[1])
+
+
+def test_fine_tuned_net_carries_the_statistics_of_its_final_weights(pruner, task) -> None:
+    x, y, xt, yt = task
+    res = prune_and_finetune(pruner.backbone, pruner.generate(x, y, macs_ratio=0.5), x, y, xt, yt,
+                             TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=0))
+    stats = {n: b.clone() for n, b in res.model.named_buffers() if "running" in n}
+    recalibrate_batchnorm(res.model, x)  # measuring again on the same images changes nothing
+    for n, b in res.model.named_buffers():
+        if "running" in n:
+            torch.testing.assert_close(b, stats[n], rtol=1e-5, atol=1e-5)
