@@ -22,7 +22,7 @@ from pipeline.config import BenchmarkConfig
 
 
 def _run(cfg: BenchmarkConfig) -> Any:
-    from pipeline.benchmark import run_benchmark
+    from pipeline.apps.benchmark import run_benchmark
 
     return run_benchmark(cfg)
 

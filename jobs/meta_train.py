@@ -21,13 +21,13 @@ from pipeline.config import MetaTrainConfig
 
 
 def _run(cfg: MetaTrainConfig) -> Any:
-    from pipeline.train import run_meta_train
+    from pipeline.training import run_meta_train
 
     return run_meta_train(cfg)
 
 
 def _prepare(cfg: MetaTrainConfig) -> None:
-    from pipeline.train import prepare_meta_train
+    from pipeline.training import prepare_meta_train
 
     prepare_meta_train(cfg)
 

@@ -20,13 +20,13 @@ from pipeline.config import PretrainConfig
 
 
 def _run(cfg: PretrainConfig) -> Any:
-    from pipeline.train import run_pretrain
+    from pipeline.training import run_pretrain
 
     return run_pretrain(cfg)
 
 
 def _prepare(cfg: PretrainConfig) -> None:
-    from pipeline.train import prepare_pretrain
+    from pipeline.training import prepare_pretrain
 
     prepare_pretrain(cfg)
 

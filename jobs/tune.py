@@ -22,13 +22,13 @@ from pipeline.config import TuneConfig
 
 
 def _run(cfg: TuneConfig) -> Any:
-    from pipeline.tune import run_tune
+    from pipeline.training import run_tune
 
     return run_tune(cfg)
 
 
 def _prepare(cfg: TuneConfig) -> None:
-    from pipeline.train import prepare_meta_train
+    from pipeline.training import prepare_meta_train
 
     prepare_meta_train(cfg.meta_train)
 

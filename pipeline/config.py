@@ -191,7 +191,7 @@ class MlflowSection(_Strict):
 
 
 class EpisodeSection(_Strict):
-    """Shape of a meta-training episode (see pipeline.episodes.EpisodeSampler)."""
+    """Shape of a meta-training episode (see pipeline.data.EpisodeSampler)."""
 
     #: (min, max) classes per episode.
     ways: tuple[int, int] = (2, 10)

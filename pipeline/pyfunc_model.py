@@ -1,192 +1,42 @@
-"""The registered STAMP pruner as an MLflow pyfunc model (models-from-code).
+"""Moved to :mod:`pipeline.registry.pyfunc_model`; this shim goes in the next release.
 
-MLflow logs *this file*, not a pickled object: on load it executes the file, which ends with
-``mlflow.models.set_model(StampPrunerModel())``, and ``load_context`` rebuilds the pruner from the
-model's artifacts (``pruner.json`` + ``pruner_state_dict.pt``, weights read with
-``weights_only=True``). Nothing here is cloudpickled, so loading a model never runs bytes that
-came from the artifact store.
+Pruners registered before the move name this path as their MLflow ``model_code_path``. MLflow
+loads such a model from the copy of the file inside the model directory (by its base name,
+``pyfunc_model.py``), next to the model's own copy of ``stamp_core``, so those models load
+without this module. The shim keeps two other things working for one release:
 
-Keep the imports to ``stamp_core`` + numpy/pandas/torch/mlflow: the model ships ``stamp_core`` as
-its code path, and a serving environment has nothing else of this repository.
-
-Inference contract (through ``mlflow.pyfunc.load_model(uri).predict``):
-
-* input: uint8 images ``(N, H, W, C)`` (C in {1, 3}); the registered signature declares exactly
-  this, and MLflow rejects anything else before it reaches :meth:`StampPrunerModel.predict`;
-* params: ``macs_ratio`` (float in (0, 1], default 0.5), ``round_to`` (int >= 1, default 1) and
-  ``labels`` (one class id per image, default ``[]`` = label-free pooling). Labels travel as a
-  param because an MLflow tensor signature cannot have an optional second input;
-* output: a one-element list holding the :class:`~stamp_core.PruneSpec` as JSON.
-
-Called directly (``model.unwrap_python_model().predict(None, x)``, or a model logged without a
-signature) ``predict`` also accepts float ``(N, C, H, W)`` images in [0, 1], a dict
-``{"images": ..., "labels": ...}`` and a pandas DataFrame with an ``images`` column (one array per
-row) and an optional ``labels`` column.
+* ``from pipeline.pyfunc_model import StampPrunerModel, generate_spec, ...``;
+* a model logged by a script written for the old layout with
+  ``python_model="pipeline/pyfunc_model.py"``: executed as a models-from-code file, the shim sets
+  the model exactly as the moved module does (such a model needs ``pipeline`` installed where it
+  is loaded).
 """
 
-from __future__ import annotations
-
-from typing import Any
+import warnings
 
 import mlflow
-import numpy as np
-import pandas as pd
-import torch
-from mlflow.exceptions import MlflowException
 
-from stamp_core import PruneSpec, StampPruner, prepare_images
+from pipeline.registry.pyfunc_model import (
+    DEFAULT_MACS_RATIO,
+    DEFAULT_ROUND_TO,
+    PRUNER_ARTIFACT,
+    StampPrunerModel,
+    generate_spec,
+    read_params,
+    split_model_input,
+)
 
-#: Key of the pruner directory in the model's ``artifacts``.
-PRUNER_ARTIFACT = "pruner"
-DEFAULT_MACS_RATIO = 0.5
-DEFAULT_ROUND_TO = 1
-_INPUT_KEYS = ("images", "labels")
+warnings.warn(
+    "pipeline.pyfunc_model moved to pipeline.registry.pyfunc_model; the old path goes in the next release",
+    FutureWarning,
+    stacklevel=2,
+)
 
+__all__ = [
+    "DEFAULT_MACS_RATIO", "DEFAULT_ROUND_TO", "PRUNER_ARTIFACT", "StampPrunerModel", "generate_spec", "read_params",
+    "split_model_input",
+]
 
-def split_model_input(model_input: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(images, labels or None)`` from any accepted input form; ``ValueError`` names the problem."""
-    labels: Any = None
-    if isinstance(model_input, dict):
-        unknown = sorted(set(model_input) - set(_INPUT_KEYS))
-        if unknown or "images" not in model_input:
-            raise ValueError(
-                f"input dict has keys {sorted(model_input)}: expected 'images' and optionally 'labels'"
-            )
-        images, labels = model_input["images"], model_input.get("labels")
-    elif isinstance(model_input, pd.DataFrame):
-        if "images" not in model_input.columns:
-            raise ValueError(
-                f"input DataFrame has columns {list(model_input.columns)}: expected an 'images' column "
-                "holding one (H, W[, C]) array per row, and optionally 'labels'"
-            )
-        cells = list(model_input["images"])
-        if not cells:
-            raise ValueError("the image set is empty: expected at least one image (20 per class is typical)")
-        try:
-            images = np.stack([np.asarray(c) for c in cells])
-        except ValueError:
-            raise ValueError("the 'images' column holds arrays of different shapes: expected one shape") from None
-        if "labels" in model_input.columns:
-            labels = model_input["labels"].to_numpy()
-    else:
-        images = model_input
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    if not isinstance(images, np.ndarray):
-        try:
-            images = np.asarray(images)
-        except (TypeError, ValueError):
-            raise ValueError(f"images is a {type(images).__name__}: expected a numpy array") from None
-    if images.dtype == object:
-        raise ValueError("images is a ragged or object array: expected one numeric (N, H, W, C) array")
-    if images.ndim not in (3, 4):
-        raise ValueError(
-            f"images have shape {images.shape}: expected (N, H, W, C) uint8 pixels "
-            "(or (N, C, H, W) floats in [0, 1])"
-        )
-    if images.shape[0] == 0:
-        raise ValueError("the image set is empty: expected at least one image (20 per class is typical)")
-    if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"images have shape {images.shape}: expected (N, H, W, C) with C = 1 (grayscale) or 3 (RGB)"
-        )
-    return images, _check_labels(labels, images.shape[0])
-
-
-def _check_labels(labels: Any, n: int) -> np.ndarray | None:
-    if labels is None:
-        return None
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    y = np.asarray(labels)
-    if y.size == 0:  # the params default: no labels, label-free pooling
-        return None
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"labels have shape {y.shape} but there are {n} images: expected one class id per image")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)  # JSON round trips turn ids into floats
-        else:
-            raise ValueError(f"labels have dtype {y.dtype}: expected integer class ids")
-    if (y < 0).any():
-        raise ValueError("labels contain negative values: expected class ids >= 0")
-    return y.astype(np.int64)
-
-
-def read_params(params: dict[str, Any] | None) -> tuple[float, int, np.ndarray | None]:
-    """``(macs_ratio, round_to, labels)`` from pyfunc params, validated."""
-    params = dict(params or {})
-    raw_ratio = params.get("macs_ratio", DEFAULT_MACS_RATIO)
-    try:
-        ratio = float(raw_ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"macs_ratio={raw_ratio!r}: expected a number in (0, 1]") from None
-    if not np.isfinite(ratio) or not 0.0 < ratio <= 1.0:
-        raise ValueError(f"macs_ratio={raw_ratio!r}: expected a number in (0, 1] (0.3 keeps 30% of the MACs)")
-    raw_round = params.get("round_to", DEFAULT_ROUND_TO)
-    if isinstance(raw_round, (bool, np.bool_)) or not isinstance(raw_round, (int, np.integer, float)):
-        raise ValueError(f"round_to={raw_round!r}: expected a positive integer")
-    if float(raw_round) != int(raw_round) or int(raw_round) < 1:
-        raise ValueError(f"round_to={raw_round!r}: expected a positive integer")
-    labels = params.get("labels")
-    return ratio, int(raw_round), (None if labels is None else np.asarray(labels))
-
-
-def generate_spec(
-    pruner: StampPruner,
-    images: np.ndarray,
-    labels: np.ndarray | None,
-    macs_ratio: float,
-    round_to: int = 1,
-) -> PruneSpec:
-    """Raw images (+ labels) -> PruneSpec, reading at most the pruner's support set.
-
-    The class-balanced subset is picked *before* ``prepare_images`` so a large upload costs the
-    size of the support set (<= ``max_support`` images) in float memory, not the whole batch.
-    """
-    labels = _check_labels(labels, len(images))
-    idx = pruner.select_support(None if labels is None else torch.from_numpy(labels), len(images)).numpy()
-    x = prepare_images(images[idx], pruner.config.image_size, channels=pruner.backbone.in_channels)
-    y = None if labels is None else labels[idx]
-    return pruner.generate(x, y, macs_ratio=macs_ratio, round_to=round_to)
-
-
-class StampPrunerModel(mlflow.pyfunc.PythonModel):
-    """Images of a task + a MACs budget in, the task's PruneSpec JSON out."""
-
-    pruner: StampPruner | None = None
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        path = (context.artifacts or {}).get(PRUNER_ARTIFACT)
-        if path is None:
-            raise MlflowException(
-                f"this model has no {PRUNER_ARTIFACT!r} artifact (it has {sorted(context.artifacts or {})}): "
-                "log it with pipeline.registry.log_pruner"
-            )
-        self.pruner = StampPruner.load(path).eval()
-
-    # The np.ndarray hint is one MLflow treats as "infer no schema from this": the explicit
-    # signature logged by pipeline.registry stays in charge of validating inputs.
-    def predict(
-        self,
-        context: mlflow.pyfunc.PythonModelContext | None,
-        model_input: np.ndarray,
-        params: dict[str, Any] | None = None,
-    ) -> list[str]:
-        if self.pruner is None:
-            raise MlflowException("the pruner is not loaded: load the model with mlflow.pyfunc.load_model")
-        try:
-            ratio, round_to, param_labels = read_params(params)
-            images, labels = split_model_input(model_input)
-            param_labels = _check_labels(param_labels, len(images))
-            if labels is not None and param_labels is not None:
-                raise ValueError("labels given both in the input and in params: pass them once")
-            spec = generate_spec(self.pruner, images, labels if labels is not None else param_labels, ratio, round_to)
-        except ValueError as exc:
-            # MlflowException is what pyfunc callers and `mlflow models serve` (HTTP 400) expect;
-            # the message is ours, unchanged.
-            raise MlflowException.invalid_parameter_value(str(exc)) from exc
-        return [spec.to_json()]
-
-
+# A models-from-code file must set its model when it is executed; this one is executed under a
+# fresh module name, after the real module may already be imported (and have set an older one).
 mlflow.models.set_model(StampPrunerModel())

@@ -19,8 +19,7 @@ import pytest
 # routable IP even for a local instance; loopback only, like every other service here.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from pipeline import _procs  # noqa: E402 - after the Ray switch above
-from pipeline.stack import MlflowServer, S3Credentials, SeaweedFS, SeaweedPorts  # noqa: E402
+from pipeline.stack import MlflowServer, S3Credentials, SeaweedFS, SeaweedPorts, procs  # noqa: E402 - after the Ray switch above
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +43,7 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     server = SeaweedFS(
         data_dir=root / "data",
         log_path=root / "weed.log",
-        ports=SeaweedPorts.from_s3_port(_procs.free_port_block(SeaweedPorts.offsets())),
+        ports=SeaweedPorts.from_s3_port(procs.free_port_block(SeaweedPorts.offsets())),
         credentials=creds,
     )
     server.start(timeout=60)
@@ -80,7 +79,7 @@ def mlflow_server(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("mlflow")
     bucket = "mlflow-artifacts"
     seaweedfs.ensure_bucket(bucket)
-    (port,) = _procs.free_ports(1)
+    (port,) = procs.free_ports(1)
     server = MlflowServer(
         backend_store_uri=f"sqlite:///{root / 'mlflow.db'}",
         artifacts_destination=f"s3://{bucket}/mlflow",
@@ -109,7 +108,7 @@ def ray_local(seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory) ->
     import ray
 
     token = tmp_path_factory.mktemp("ray-auth") / "token"
-    _procs.write_private(token, secrets.token_hex(32))
+    procs.write_private(token, secrets.token_hex(32))
     with pytest.MonkeyPatch.context() as mp:
         # ray.init() turns token auth on and, with no token anywhere, writes ~/.ray/auth_token;
         # a token file of our own keeps the home directory untouched. RAY_AUTH_MODE is left to

@@ -4,7 +4,7 @@
 What it measures, for one backbone at one episode shape (default: resnet18 at 32x32, 5-way
 episodes, 20 support images per class, query batch 64):
 
-* ``in-process``: the per-worker loop (``pipeline.train.meta_train_worker``) without Ray;
+* ``in-process``: the per-worker loop (``pipeline.training.meta_train_worker``) without Ray;
 * ``ray-1x{N}cpu``: one Ray Train worker holding every CPU;
 * ``ray-2x{N/2}cpu``: two workers with gradients all-reduced over gloo.
 
@@ -39,9 +39,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from pipeline.config import MetaTrainConfig  # noqa: E402
-from pipeline.ingest import ingest_dataset  # noqa: E402
-from pipeline.sources import build_procedural  # noqa: E402
-from pipeline.train import LocalContext, meta_train_worker, prepare_meta_train, run_meta_train  # noqa: E402
+from pipeline.data import build_procedural, ingest_dataset  # noqa: E402
+from pipeline.training import LocalContext, meta_train_worker, prepare_meta_train, run_meta_train  # noqa: E402
 
 SOURCES = ("blobs", "stripes", "shapes", "textures")
 

@@ -1,7 +1,7 @@
 """Streaming throughput: decoded + resized images/s on one core, S3 (SeaweedFS) versus local disk.
 
 The same WebDataset shards are read once from a local directory and once from S3 through
-``pipeline.episodes.iter_samples`` (tar parsing, PNG decode, label checks), and every batch of
+``pipeline.data.iter_samples`` (tar parsing, PNG decode, label checks), and every batch of
 256 goes through ``stamp_core.preprocess.prepare_images`` to 32x32. ``torch.set_num_threads(1)``;
 the S3 server runs in its own process. Each figure is the median of ``--runs`` full passes.
 A second table measures the episode sampler (episodes/s and images/s it hands to training).
@@ -37,10 +37,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import s3  # noqa: E402
-from pipeline.episodes import EpisodeSampler, iter_samples  # noqa: E402
-from pipeline.ingest import ingest_dataset  # noqa: E402
-from pipeline.sources import ArrayDataset, build_procedural, load_npz  # noqa: E402
+from pipeline.data import ArrayDataset, EpisodeSampler, build_procedural, ingest_dataset, iter_samples, load_npz, s3  # noqa: E402
 from stamp_core.preprocess import prepare_images  # noqa: E402
 
 BATCH = 256
@@ -105,14 +102,13 @@ def _s3_root(endpoint: str | None, bucket: str | None, workdir: Path) -> Iterato
         s3.create_bucket(bucket, endpoint_url=endpoint)
         yield f"s3://{bucket}/bench-{secrets.token_hex(4)}"
         return
-    from pipeline import _procs
-    from pipeline.stack import S3Credentials, SeaweedFS, SeaweedPorts
+    from pipeline.stack import S3Credentials, SeaweedFS, SeaweedPorts, procs
 
     creds = S3Credentials.generate()
     server = SeaweedFS(
         data_dir=workdir / "weed",
         log_path=workdir / "weed.log",
-        ports=SeaweedPorts.from_s3_port(_procs.free_port_block(SeaweedPorts.offsets())),
+        ports=SeaweedPorts.from_s3_port(procs.free_port_block(SeaweedPorts.offsets())),
         credentials=creds,
     )
     server.start(timeout=60)

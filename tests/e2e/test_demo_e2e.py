@@ -21,7 +21,7 @@ def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(STAMP_BUCKET=s3_bucket, STAMP_HOME=str(tmp_path / "home"))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(tmp_path / "out"), "--model-name", model_name],
+        [sys.executable, "-m", "pipeline.apps.cli", "demo", "--quick", "--out", str(tmp_path / "out"), "--model-name", model_name],
         env=env, capture_output=True, text=True, timeout=1200,
     )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])

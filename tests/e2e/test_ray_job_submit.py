@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import _procs
-from pipeline.stack import SeaweedPorts, StackConfig, stack_down, stack_up
+from pipeline.stack import SeaweedPorts, StackConfig, procs, stack_down, stack_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -26,10 +25,10 @@ STEPS = 4
 
 
 def _free_config(state_dir: Path) -> StackConfig:
-    mlflow_port, ray_port, dashboard_port = _procs.free_ports(3)
+    mlflow_port, ray_port, dashboard_port = procs.free_ports(3)
     return StackConfig(
         state_dir=state_dir,
-        s3_port=_procs.free_port_block(SeaweedPorts.offsets()),
+        s3_port=procs.free_port_block(SeaweedPorts.offsets()),
         mlflow_port=mlflow_port,
         ray_port=ray_port,
         ray_dashboard_port=dashboard_port,
@@ -59,7 +58,7 @@ def test_meta_train_submitted_as_a_ray_job_succeeds(tmp_path: Path) -> None:
         ray_entry = stack_json["services"]["ray"]
 
         ingest = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "ingest", "procedural:blobs?n=30&test=10",
+            [sys.executable, "-m", "pipeline.apps.cli", "ingest", "procedural:blobs?n=30&test=10",
              "procedural:stripes?n=30&test=10", "--shard-size", "100"],
             env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import _procs
 from pipeline.settings import CredentialsError, get_settings, load_stack_credentials
+from pipeline.stack import procs
 
 # Once any test of the session has imported ray, filling the Ray variables rightly warns;
 # only the test about that warning wants to see it.
@@ -68,7 +68,7 @@ def _write_stack(state_dir: Path, *, s3: bool = True, mlflow: bool = True, ray: 
 
 def _write_credentials(state_dir: Path, mode: int = 0o600) -> tuple[str, str]:
     key, secret = "STAMPKEY123", "s3cr3t-" + os.urandom(8).hex()
-    _procs.write_private(
+    procs.write_private(
         state_dir / "credentials",
         json.dumps({"aws_access_key_id": key, "aws_secret_access_key": secret}),
     )
@@ -180,7 +180,7 @@ def test_load_stack_credentials_refuses_readable_file(clean_env: Path) -> None:
 
 def test_load_stack_credentials_malformed_file_does_not_echo_content(clean_env: Path) -> None:
     home = clean_env / "home"
-    _procs.write_private(home / "credentials", "not json but a secret-looking-value")
+    procs.write_private(home / "credentials", "not json but a secret-looking-value")
     with pytest.raises(CredentialsError) as excinfo:
         load_stack_credentials(home)
     assert "secret-looking-value" not in str(excinfo.value)

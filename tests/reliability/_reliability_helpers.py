@@ -19,9 +19,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline import _procs
-from pipeline.sources import ArrayDataset, build_procedural
-from pipeline.stack import MlflowServer, S3Credentials, SeaweedFS, SeaweedPorts
+from pipeline.data import ArrayDataset, build_procedural
+from pipeline.stack import MlflowServer, S3Credentials, SeaweedFS, SeaweedPorts, procs
 from stamp_core import StampPruner, TrainConfig, prepare_images, train_classifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,18 +31,18 @@ OUR_CODE = (str(REPO_ROOT / "stamp_core"), str(REPO_ROOT / "pipeline"))
 def kill_service(service: SeaweedFS | MlflowServer) -> list[int]:
     """SIGKILL every process of a service we started (a crash, not a shutdown); returns the pids."""
     assert service.record is not None, "the service is not running"
-    procs = _procs.owned_processes(service.record)
-    for proc in procs:
+    owned = procs.owned_processes(service.record)
+    for proc in owned:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    psutil.wait_procs(owned, timeout=10)
     if service._popen is not None:  # reap our direct child
         service._popen.wait(timeout=10)
         service._popen = None
     service.record = None
-    return [p.pid for p in procs]
+    return [p.pid for p in owned]
 
 
 @dataclass
@@ -90,7 +89,7 @@ def private_seaweedfs(root: Path, monkeypatch: pytest.MonkeyPatch, max_attempts:
     import boto3
 
     creds = S3Credentials.generate()
-    ports = SeaweedPorts.from_s3_port(_procs.free_port_block(SeaweedPorts.offsets()))
+    ports = SeaweedPorts.from_s3_port(procs.free_port_block(SeaweedPorts.offsets()))
 
     def make() -> SeaweedFS:
         return SeaweedFS(data_dir=root / "data", log_path=root / "weed.log", ports=ports, credentials=creds)
@@ -161,5 +160,5 @@ def grep_tree(root: Path, needles: list[str]) -> list[str]:
 
 
 def free_port() -> int:
-    (port,) = _procs.free_ports(1)
+    (port,) = procs.free_ports(1)
     return port

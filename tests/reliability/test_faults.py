@@ -29,16 +29,12 @@ import yaml
 from _reliability_helpers import free_port, kill_service, private_seaweedfs, tiny_pruner
 from typer.testing import CliRunner
 
-from pipeline import _procs, s3
-from pipeline.catalog import Catalog
-from pipeline.cli import app
+from pipeline.apps.cli import app
+from pipeline.apps.prune import OutputDirError, load_pruned, prune_dataset
 from pipeline.config import MetaTrainConfig, PretrainConfig, TuneConfig
-from pipeline.episodes import iter_samples, load_split_arrays
-from pipeline.ingest import ingest_dataset
-from pipeline.prune import OutputDirError, load_pruned, prune_dataset
+from pipeline.data import ArrayDataset, Catalog, build_procedural, ingest_dataset, iter_samples, load_split_arrays, s3
 from pipeline.registry import RegistryError, load_pruner
-from pipeline.sources import ArrayDataset, build_procedural
-from pipeline.stack import MlflowServer
+from pipeline.stack import MlflowServer, procs
 from stamp_core import StampPruner, prepare_images
 
 pytestmark = pytest.mark.reliability
@@ -93,7 +89,7 @@ def test_s3_killed_mid_ingest_retries_then_fails_clearly_and_rerun_completes(
     with private_seaweedfs(tmp_path / "weed", monkeypatch, max_attempts=3) as private:
         # The private server listens on loopback only, like every service of the stack.
         assert private.server.record is not None
-        for proc in _procs.owned_processes(private.server.record):
+        for proc in procs.owned_processes(private.server.record):
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
                     assert conn.laddr.ip == "127.0.0.1", conn
@@ -228,19 +224,19 @@ def test_mlflow_down_at_start_fails_before_any_compute(
         assert f"error: RegistryError: {expected}" in proc.stderr
         assert "Started a local Ray instance" not in proc.stderr  # it failed before Ray was started
     else:
-        from pipeline import train, tune
+        from pipeline import training
 
         with pytest.raises(RegistryError, match=re.escape(expected)):
             if job == "meta_train":
-                train.run_meta_train(MetaTrainConfig.model_validate(meta))
+                training.run_meta_train(MetaTrainConfig.model_validate(meta))
             elif job == "pretrain":
-                train.run_pretrain(PretrainConfig.model_validate(dict(
+                training.run_pretrain(PretrainConfig.model_validate(dict(
                     kind="pretrain", backbone="small_cnn", backbone_kwargs={"width": 8}, run_name="pre-fault",
                     storage_path=str(storage), epochs=1, data={"catalog_url": local_catalog, "sources": "all"},
                     mlflow={"enabled": True},
                 )))
             else:
-                tune.run_tune(TuneConfig.model_validate(dict(
+                training.run_tune(TuneConfig.model_validate(dict(
                     kind="tune", name="tune-fault", storage_path=str(storage), num_samples=1, register=True,
                     scheduler={"grace_period": 2},
                     meta_train={**{k: v for k, v in meta.items() if k != "kind"}, "validation": {"enabled": True}},
@@ -285,7 +281,7 @@ def test_mlflow_lost_during_meta_training_keeps_the_pruner_and_register_from_che
 
     watcher = threading.Thread(target=kill_at_first_checkpoint, daemon=True)
     try:
-        from pipeline.train import run_meta_train
+        from pipeline.training import run_meta_train
 
         # Validation on: the end of the run also validates and logs plots, with MLflow gone.
         cfg = MetaTrainConfig.model_validate(_meta_cfg(local_catalog, storage, mlflow={
@@ -293,7 +289,7 @@ def test_mlflow_lost_during_meta_training_keeps_the_pruner_and_register_from_che
             validation={"enabled": True, "every": 0, "tasks": 1, "ways": 2, "shots": 3, "test_per_class": 3,
                         "finetune_epochs": 0}))
         watcher.start()
-        caplog.set_level(logging.WARNING, logger="pipeline.train")
+        caplog.set_level(logging.WARNING, logger="pipeline.training")
         t0 = time.monotonic()
         result = run_meta_train(cfg)
         elapsed = time.monotonic() - t0
@@ -311,7 +307,7 @@ def test_mlflow_lost_during_meta_training_keeps_the_pruner_and_register_from_che
     assert f"stamp register --from-checkpoint {run_dir}" in warning
 
     # A tune job that ends while MLflow is down says the same: where the pruner is, how to register it.
-    from pipeline.tune import register_best
+    from pipeline.training import register_best
 
     tune_cfg = TuneConfig.model_validate(dict(kind="tune", name="t", register=True, scheduler={"grace_period": 2}, meta_train={
         **_meta_cfg(local_catalog, storage, mlflow={"tracking_uri": private.tracking_uri}),
@@ -386,7 +382,7 @@ class _PartialWriter(io.FileIO):
 def test_full_disk_leaves_the_previous_output_untouched(
     where: str, pruner_dir: Path, previous_output: tuple[Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.prune as prune_mod
+    import pipeline.apps.prune as prune_mod
 
     out, before = previous_output
     if where == "write":
@@ -418,7 +414,7 @@ def test_read_only_output_dir_keeps_the_previous_output(
     prefix = unprivileged_prefix
     code = (
         "import sys\n"
-        "from pipeline.prune import OutputDirError, prune_dataset\n"
+        "from pipeline.apps.prune import OutputDirError, prune_dataset\n"
         "try:\n"
         f"    prune_dataset({str(pruner_dir)!r}, {DATA_SPEC!r}, 0.3, 0, {str(out)!r}, progress=False,"
         " export_onnx_model=False, export_torchscript_model=False)\n"

@@ -30,10 +30,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.catalog import Catalog
-from pipeline.episodes import DataQualityError, iter_samples
-from pipeline.ingest import encode_png, ingest_dataset
-from pipeline.sources import ArrayDataset, load_image_folder, load_npz, load_source
+from pipeline.data import (
+    ArrayDataset,
+    Catalog,
+    DataQualityError,
+    encode_png,
+    ingest_dataset,
+    iter_samples,
+    load_image_folder,
+    load_npz,
+    load_source,
+)
 from stamp_core import PruneSpec, StampPruner, prepare_images
 from stamp_core.backbones import MIN_IMAGE_SIZE
 

@@ -35,16 +35,24 @@ import yaml
 from _reliability_helpers import REPO_ROOT, MarkerPayload, grep_tree, raised_by_our_code, tiny_pruner
 from typer.testing import CliRunner
 
-from pipeline import s3
-from pipeline.catalog import Catalog
-from pipeline.cli import app
+from pipeline.apps.cli import app
+from pipeline.apps.prune import load_pruned, prune_dataset
 from pipeline.config import MetaTrainConfig
-from pipeline.ingest import ingest_dataset, ingest_source, remove_dataset
-from pipeline.prune import load_pruned, prune_dataset
-from pipeline.pyfunc_model import PRUNER_ARTIFACT, StampPrunerModel
-from pipeline.registry import RegistryError, load_pruner, log_pruner
-from pipeline.sources import ArrayDataset, build_procedural, load_npz
-from pipeline.train import LocalContext, WorkerSetup, load_backbone_dir, load_pretrained_backbone, meta_train_worker, save_backbone
+from pipeline.data import (
+    ArrayDataset,
+    Catalog,
+    build_procedural,
+    ingest_dataset,
+    ingest_source,
+    load_backbone_dir,
+    load_npz,
+    load_pretrained_backbone,
+    remove_dataset,
+    s3,
+    save_backbone,
+)
+from pipeline.registry import PRUNER_ARTIFACT, RegistryError, StampPrunerModel, load_pruner, log_pruner
+from pipeline.training import LocalContext, WorkerSetup, meta_train_worker
 from stamp_core import StampPruner, prepare_images
 from stamp_core.pruner import UnsafeWeightsError, WeightsFileError
 
@@ -338,7 +346,7 @@ def test_bad_dataset_names_are_refused_at_ingest_before_writing(bad: str, tmp_pa
 
 def test_bad_split_names_and_cli_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"split name '\.\./train' contains a slash"):
-        from pipeline.ingest import shard_name
+        from pipeline.data import shard_name
 
         shard_name("../train", 0)
     result = runner.invoke(app, ["datasets", "remove", "../../etc", "--catalog", str(tmp_path / "catalog.json")])

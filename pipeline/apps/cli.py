@@ -1,0 +1,296 @@
+"""The `stamp` command line: the embedded stack, data, training jobs, downstream pruning, demo.
+
+Every command resolves endpoints through :mod:`pipeline.settings` (environment first, then the
+running embedded stack), so the same commands work against a real cluster, S3 and MLflow server.
+Errors we expect (bad config, unreachable service, bad data) print one readable line and exit 2;
+anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import settings as _settings
+
+app = typer.Typer(
+    name="stamp",
+    help="STAMP: meta-learned, task-adaptive structured pruning on S3 + Ray + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="The embedded local stack: SeaweedFS (S3), MLflow server, Ray head.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets in the catalog.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(datasets_app, name="datasets")
+
+console = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+#: More error types with a user-facing message, as (module, name): imported only when a command
+#: fails (they pull in torch or MLflow), and skipped if their module cannot be imported.
+LAZY_ERROR_TYPES = (
+    ("pipeline.registry", "RegistryError"),
+    ("pipeline.apps.prune", "PruneError"),
+    ("pipeline.data", "DataQualityError"),
+    ("pipeline.apps.benchmark", "BenchmarkError"),
+)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Error types that carry a user-facing message (imported lazily: some pull in heavy deps)."""
+    from pipeline.data.s3 import StorageError
+    from pipeline.stack import StackError
+
+    errors: list[type[BaseException]] = [StackError, StorageError, _settings.CredentialsError, ValueError, FileNotFoundError]
+    for module, name in LAZY_ERROR_TYPES:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _friendly(fn: F) -> F:
+    """Print expected errors as one line (exit 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _expected_errors() as exc:
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main() -> None:
+    # Before anything imports Ray: point the standard env vars at a running embedded stack.
+    _settings.load_stack_credentials(_settings.state_dir_from_env())
+
+
+# ----------------------------------------------------------------------------- stack
+@stack_app.command("up")
+@_friendly
+def stack_up(
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="Also start a Ray head for `ray job submit`."),
+    s3_port: Optional[int] = typer.Option(None, help="SeaweedFS S3 port (uses the next 4 and +10000 too)."),
+    mlflow_port: Optional[int] = typer.Option(None, help="MLflow server port."),
+    ray_port: Optional[int] = typer.Option(None, help="Ray GCS port."),
+    ray_dashboard_port: Optional[int] = typer.Option(None, help="Ray dashboard / job API port."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait for each service to become healthy."),
+) -> None:
+    """Start the stack (idempotent) and print its endpoints."""
+    from pipeline.stack import StackConfig, stack_up as _up
+
+    overrides: dict[str, Any] = {"ray_head": ray, "timeout_s": timeout}
+    for key, value in (("s3_port", s3_port), ("mlflow_port", mlflow_port), ("ray_port", ray_port), ("ray_dashboard_port", ray_dashboard_port)):
+        if value is not None:
+            overrides[key] = value
+    info = _up(StackConfig.from_env(**overrides), progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    out.print(info.summary())
+
+
+@stack_app.command("down")
+@_friendly
+def stack_down() -> None:
+    """Stop exactly the processes `stack up` started; data stays on disk."""
+    from pipeline.stack import stack_down as _down
+
+    stopped = _down(_settings.state_dir_from_env())
+    out.print("\n".join(stopped) if stopped else "nothing of ours was running")
+
+
+@stack_app.command("status")
+@_friendly
+def stack_status() -> None:
+    """What runs where (never prints credentials)."""
+    from pipeline.stack import stack_status as _status
+
+    out.print(_status(_settings.state_dir_from_env()).summary())
+
+
+# ----------------------------------------------------------------------------- data
+@app.command()
+@_friendly
+def ingest(
+    sources: list[str] = typer.Argument(..., help="procedural:NAME | digits | npz:PATH | folder:PATH | torchvision:CLASS:ROOT"),
+    name: Optional[str] = typer.Option(None, help="Dataset name (one source only); default from the source."),
+    dest: Optional[str] = typer.Option(None, help="s3://bucket/prefix or a local directory; default from settings."),
+    shard_size: int = typer.Option(5000, min=1, help="Samples per shard."),
+) -> None:
+    """Write datasets as WebDataset shards and record them in catalog.json."""
+    from pipeline.data import ingest_source
+
+    if name and len(sources) > 1:
+        raise ValueError("--name applies to a single source; ingest several sources without --name")
+    target = dest or _settings.get_settings().datasets_url
+    for spec in sources:
+        entry = ingest_source(spec, target, name=name, shard_size=shard_size)
+        samples = sum(s.samples for s in entry.splits.values())
+        out.print(f"{entry.name}: {entry.num_classes} classes, {samples} samples -> {target}/{entry.name}/")
+
+
+@datasets_app.command("list")
+@_friendly
+def datasets_list(catalog: Optional[str] = typer.Option(None, help="Catalog URL; default from settings.")) -> None:
+    """Datasets in the catalog."""
+    from pipeline.data import Catalog
+
+    cat = Catalog.load(catalog or _settings.get_settings().catalog_url, missing_ok=True)
+    table = Table("dataset", "classes", "image", "splits", "shards")
+    for n in cat.names():
+        e = cat.get(n)
+        table.add_row(n, str(e.num_classes), "x".join(map(str, e.image_shape)),
+                      ", ".join(f"{k}={v.samples}" for k, v in e.splits.items()),
+                      str(sum(len(v.shards) for v in e.splits.values())))
+    out.print(table)
+
+
+@datasets_app.command("remove")
+@_friendly
+def datasets_remove(
+    name: str,
+    catalog: Optional[str] = typer.Option(None, help="Catalog URL; default from settings."),
+    keep_shards: bool = typer.Option(False, help="Only drop the catalog entry."),
+) -> None:
+    """Remove a dataset from the catalog (first), then its shards."""
+    from pipeline.data import remove_dataset
+
+    remove_dataset(name, catalog or _settings.get_settings().catalog_url, delete_shards=not keep_shards)
+    out.print(f"removed {name}")
+
+
+# ----------------------------------------------------------------------------- jobs
+def _run_job(kind: str, config: Path, overrides: list[str]) -> Any:
+    """Validate the config (fails before any cluster work), then run the job in this process."""
+    from pipeline import config as cfgmod
+
+    model = {"pretrain": cfgmod.PretrainConfig, "meta_train": cfgmod.MetaTrainConfig, "tune": cfgmod.TuneConfig}[kind]
+    cfg = cfgmod.load_config(config, overrides, model=model)
+    if kind == "tune":
+        from pipeline.training import run_tune
+
+        return run_tune(cfg)
+    from pipeline import training
+
+    return (training.run_pretrain if kind == "pretrain" else training.run_meta_train)(cfg)
+
+
+_CONFIG = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config (see jobs/configs/).")
+_OVERRIDES = typer.Argument(None, help="Overrides as key=value, e.g. steps=200 optim.lr=3e-4.")
+
+
+@app.command()
+@_friendly
+def pretrain(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+    """Reference pretraining of the backbone on the source datasets (Ray Train)."""
+    result = _run_job("pretrain", config, overrides or [])
+    out.print(result)
+
+
+@app.command("meta-train")
+@_friendly
+def meta_train(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+    """STAMP meta-training of the pruner (Ray Train, N workers, checkpoints, resumable by name)."""
+    result = _run_job("meta_train", config, overrides or [])
+    out.print(result)
+
+
+@app.command()
+@_friendly
+def tune(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+    """Ray Tune sweep over loss weights and learning rates; registers the best pruner."""
+    result = _run_job("tune", config, overrides or [])
+    out.print(result)
+
+
+@app.command()
+@_friendly
+def register(
+    from_checkpoint: str = typer.Option(
+        ..., "--from-checkpoint",
+        help="A checkpoint directory, a Ray run directory (local or s3://) or a training run name.",
+    ),
+    name: str = typer.Option("stamp-pruner", "--name", help="Registered model name."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Point this alias (e.g. champion) at the new version."),
+    experiment: str = typer.Option("stamp-meta-train", help="MLflow experiment when the checkpoint's run is not on this server."),
+    storage_path: Optional[str] = typer.Option(None, help="Where run names are looked up; default from settings."),
+) -> None:
+    """Register a pruner from a training checkpoint (e.g. after MLflow was down when the job ended)."""
+    from pipeline.registry import register_from_checkpoint
+
+    reg = register_from_checkpoint(from_checkpoint, name=name, alias=alias, experiment=experiment, storage_path=storage_path)
+    moved = f", alias {alias!r} -> version {reg.version}" if alias else ""
+    out.print(f"registered {reg.uri} (run {reg.run_id}){moved}")
+
+
+# ----------------------------------------------------------------------------- downstream
+@app.command()
+@_friendly
+def prune(
+    model: str = typer.Option("models:/stamp-pruner@champion", help="Registry URI or a local pruner directory."),
+    data: str = typer.Option(..., help="npz:PATH | folder:PATH | digits | procedural:NAME | catalog:NAME | s3://bucket/prefix/NAME"),
+    macs_ratio: float = typer.Option(0.3, help="Budget: MACs of the pruned net / MACs of the full net, in (0, 1]."),
+    finetune_epochs: int = typer.Option(3, min=0, help="Epochs of fine-tuning of the pruned net."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (spec.json, weights, ONNX, TorchScript, report)."),
+    round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels per layer group."),
+    seed: int = typer.Option(0, help="Seed of the encoder's sample and of fine-tuning."),
+) -> None:
+    """Prune the registered pruner's backbone for your data, fine-tune it, export it."""
+    from pipeline.apps.prune import prune_dataset
+
+    report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed)
+    out.print(report.to_markdown())
+
+
+@app.command()
+@_friendly
+def benchmark(
+    config: Path = _CONFIG,
+    overrides: Optional[list[str]] = _OVERRIDES,
+    report_only: bool = typer.Option(False, "--report-only", help="Run no cell: summarise results.csv as it is."),
+) -> None:
+    """STAMP vs pruning baselines on unseen targets at matched MACs (resumable per cell)."""
+    from pipeline.apps.benchmark import load_benchmark_config, run_benchmark
+
+    cfg = load_benchmark_config(config, overrides or [])
+    result = run_benchmark(cfg, progress=lambda msg: console.print(f"[dim]{msg}[/]"), report_only=report_only)
+    out.print(result.markdown_path.read_text())
+    out.print(f"results: {result.csv_path} ({len(result.computed)} computed, {len(result.skipped)} resumed, "
+              f"{len(result.failed)} failed)" + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+
+
+@app.command()
+@_friendly
+def demo(
+    quick: bool = typer.Option(False, help="Smaller data and fewer steps (what the end-to-end test runs)."),
+    out_dir: Path = typer.Option(Path(".stamp/demo"), "--out", help="Where the pruned model and report go."),
+    model_name: str = typer.Option("stamp-pruner", help="Registered model name."),
+) -> None:
+    """The whole pipeline on this machine: ingest, pretrain, meta-train, tune, register, prune."""
+    from pipeline.apps.demo import run_demo
+
+    run_demo(out_dir=out_dir, quick=quick, model_name=model_name, console=console, out=out)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,595 @@
+"""Downstream pruning: a registered pruner + a target dataset -> a small, fine-tuned, exported net.
+
+``prune_dataset`` is what ``stamp prune`` runs. It loads the pruner (registry URI or directory),
+loads and prepares the target data, shows the encoder a seeded class-balanced sample, prunes and
+fine-tunes with :func:`stamp_core.prune_for_task`, measures the result and writes::
+
+    OUT/spec.json              PruneSpec (+ class names, num_classes, sha256 of the weights)
+    OUT/pruned_state_dict.pt   weights of the pruned net (load with weights_only=True)
+    OUT/model.onnx             ONNX export, checked against PyTorch with onnxruntime
+    OUT/model.torchscript.pt   TorchScript trace, checked against PyTorch
+    OUT/report.json, report.md accuracy, MACs, params, CPU latency, timings
+
+Outputs are built in memory, written into a private staging directory inside OUT and renamed
+into place with ``spec.json`` last; an existing ``spec.json`` is removed before the renames. So a
+``spec.json`` in OUT always sits next to the weights it describes: a crash, a full disk or a
+read-only directory never leaves a spec that looks valid over missing or foreign weights.
+
+ONNX uses torch's TorchScript-based exporter (``dynamo=False``): the default dynamo exporter of
+torch 2.13 needs ``onnxscript``, which this project does not install. The legacy exporter is
+deprecated upstream; when it goes, switch to ``dynamo=True`` and add ``onnxscript``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from stamp_core import (
+    PruneSpec,
+    StampPruner,
+    TrainConfig,
+    default_finetune,
+    build_backbone_from_config,
+    count_macs_params,
+    measure_latency,
+    prepare_images,
+    prune_for_task,
+)
+from pipeline.data import ArrayDataset
+from stamp_core.pruner import load_weights
+
+SPEC_FILE = "spec.json"
+WEIGHTS_FILE = "pruned_state_dict.pt"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+#: Renamed into place in this order; spec.json last so its presence means the rest is there.
+_COMMIT_ORDER = (WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, REPORT_JSON, REPORT_MD, SPEC_FILE)
+ONNX_OPSET = 17
+
+
+class PruneError(RuntimeError):
+    """Pruning a dataset failed for a reason the message explains."""
+
+
+class OutputDirError(PruneError):
+    """The output directory cannot be created or written."""
+
+
+class ExportError(PruneError):
+    """An exported model does not reproduce the PyTorch model's outputs."""
+
+
+@dataclass
+class PruneReport:
+    """What ``prune_dataset`` produced and measured (``report.json`` holds the same)."""
+
+    out_dir: str
+    dataset: str
+    pruner: str  #: where the pruner came from (URI, directory or "in-memory")
+    class_names: list[str]
+    n_train: int
+    n_test: int
+    macs_ratio_target: float
+    round_to: int
+    seed: int
+    finetune_epochs: int
+    sample_size: int  #: images the set encoder read
+    accuracy_before_finetune: float | None  #: pruned net + prototype head, test split
+    accuracy: float | None  #: pruned net after fine-tuning, test split
+    macs_full: int  #: full backbone with this task's classifier, one image
+    macs_pruned: int
+    params_full: int
+    params_pruned: int
+    latency_threads: int
+    latency_ms: dict[str, float]  #: ``{full,pruned}_b{1,64}``: median ms per forward pass
+    prune_seconds: float  #: set embedding + mask + physical pruning + prototype head
+    finetune_seconds: float
+    export_seconds: float
+    total_seconds: float  #: data in hand -> deployable model (prune + fine-tune + export)
+    onnx_max_abs_diff: float | None
+    torchscript_max_abs_diff: float | None
+    files: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_pruned / self.macs_full
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["num_classes"] = self.num_classes
+        d["macs_ratio"] = self.macs_ratio
+        return d
+
+    def to_markdown(self) -> str:
+        def acc(v: float | None) -> str:
+            return "n/a (no test split)" if v is None else f"{100 * v:.2f}%"
+
+        def ms(key: str) -> str:
+            return f"{self.latency_ms[key]:.2f}" if key in self.latency_ms else "n/a"
+
+        def speedup(b: int) -> str:
+            full, pruned = self.latency_ms.get(f"full_b{b}"), self.latency_ms.get(f"pruned_b{b}")
+            return f"{full / pruned:.2f}x" if full and pruned else "n/a"
+
+        lines = [
+            f"# STAMP pruning report: {self.dataset}",
+            "",
+            f"Pruner: `{self.pruner}`  ",
+            f"Budget: {self.macs_ratio_target:g} of the full net's MACs (round_to={self.round_to}), "
+            f"seed {self.seed}, {self.finetune_epochs} fine-tune epoch(s)  ",
+            f"Data: {self.num_classes} classes, {self.n_train} train / {self.n_test} test images; "
+            f"the set encoder read {self.sample_size}",
+            "",
+            "| | full | pruned | ratio |",
+            "|---|---:|---:|---:|",
+            f"| MACs (one image) | {self.macs_full:,} | {self.macs_pruned:,} | {self.macs_ratio:.3f} |",
+            f"| parameters | {self.params_full:,} | {self.params_pruned:,} | {self.params_pruned / self.params_full:.3f} |",
+            f"| CPU latency batch 1 (ms, {self.latency_threads} thread(s)) | {ms('full_b1')} | {ms('pruned_b1')} | {speedup(1)} |",
+            f"| CPU latency batch 64 (ms, {self.latency_threads} thread(s)) | {ms('full_b64')} | {ms('pruned_b64')} | {speedup(64)} |",
+            "",
+            "| accuracy (test) | |",
+            "|---|---:|",
+            f"| pruned, before fine-tune (prototype head) | {acc(self.accuracy_before_finetune)} |",
+            f"| pruned, after fine-tune | {acc(self.accuracy)} |",
+            "",
+            "| time | seconds |",
+            "|---|---:|",
+            f"| prune (sample -> pruned net) | {self.prune_seconds:.2f} |",
+            f"| fine-tune | {self.finetune_seconds:.2f} |",
+            f"| export + checks | {self.export_seconds:.2f} |",
+            f"| data in hand -> deployable model | {self.total_seconds:.2f} |",
+            "",
+            "Exports (max abs difference of logits vs PyTorch): "
+            f"ONNX {_fmt_diff(self.onnx_max_abs_diff)}, TorchScript {_fmt_diff(self.torchscript_max_abs_diff)}.",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _fmt_diff(v: float | None) -> str:
+    return "not exported" if v is None else f"{v:.2e}"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_pruner(source: StampPruner | str | os.PathLike[str]) -> tuple[StampPruner, str]:
+    """A pruner and a printable description of where it came from."""
+    if isinstance(source, StampPruner):
+        return source, "in-memory"
+    from pipeline.registry import load_pruner, redact
+
+    return load_pruner(str(source)), redact(str(source))
+
+
+def resolve_data(data: ArrayDataset | str) -> ArrayDataset:
+    """An ArrayDataset from a dataset, a ``load_source`` spec, ``catalog:NAME`` or ``s3://.../NAME``.
+
+    ``s3://BUCKET/PREFIX/NAME`` names dataset NAME of the catalog at
+    ``s3://BUCKET/PREFIX/catalog.json``; ``catalog:NAME`` uses the configured catalog.
+    """
+    if isinstance(data, ArrayDataset):
+        return data
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"data={data!r}: expected an ArrayDataset or a dataset spec string")
+    if data.startswith("catalog:"):
+        from pipeline.settings import get_settings
+
+        return load_catalog_dataset(get_settings().catalog_url, data[len("catalog:"):])
+    if data.startswith("s3://"):
+        base, _, name = data.rstrip("/").rpartition("/")
+        if not name or base == "s3:/":
+            raise ValueError(f"{data!r}: expected s3://BUCKET/PREFIX/DATASET (the catalog is PREFIX/catalog.json)")
+        from pipeline.data import catalog_url_for
+
+        return load_catalog_dataset(catalog_url_for(base), name)
+    from pipeline.data import load_source
+
+    return load_source(data)
+
+
+def load_catalog_dataset(catalog_url: str, name: str) -> ArrayDataset:
+    """Every split of a catalogued dataset, read from its shards."""
+    from pipeline.data import Catalog, load_split_arrays
+
+    entry = Catalog.load(catalog_url, missing_ok=False).get(name)
+    if "train" not in entry.splits:
+        raise ValueError(f"dataset {name!r} in {catalog_url} has no 'train' split (it has {sorted(entry.splits)})")
+    x_train, y_train = load_split_arrays(catalog_url, name, "train")
+    h, w, c = entry.image_shape
+    if "test" in entry.splits:
+        x_test, y_test = load_split_arrays(catalog_url, name, "test")
+    else:
+        x_test, y_test = np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int64)
+    return ArrayDataset(name, x_train, y_train, x_test, y_test, list(entry.class_names), source=f"{catalog_url}#{name}")
+
+
+def class_balanced_sample(labels: np.ndarray, per_class: int, seed: int, cap: int) -> np.ndarray:
+    """Sorted indices of at most ``per_class`` seeded random images per class, ``cap`` in all."""
+    classes = np.unique(labels)
+    per_class = max(1, min(per_class, cap // max(1, len(classes))))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    return np.sort(np.concatenate(picked))[:cap]
+
+
+def _check_args(macs_ratio: float, finetune_epochs: int, round_to: int, sample_per_class: int) -> float:
+    try:
+        r = float(macs_ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"macs_ratio={macs_ratio!r}: expected a number in (0, 1]") from None
+    if not np.isfinite(r) or not 0.0 < r <= 1.0:
+        raise ValueError(f"macs_ratio={macs_ratio!r}: expected a number in (0, 1] (0.3 keeps 30% of the MACs)")
+    for label, value, low in (("finetune_epochs", finetune_epochs, 0), ("round_to", round_to, 1), ("sample_per_class", sample_per_class, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{label}={value!r}: expected an integer >= {low}")
+    return r
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _open_output(out: Path) -> Path:
+    """Create ``out`` if needed and a private staging directory in it; fail before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"cannot create output directory {out}: {exc.strerror or exc}; choose another output directory") from None
+    if not out.is_dir():
+        raise OutputDirError(f"output path {out} exists and is not a directory")
+    try:
+        return Path(tempfile.mkdtemp(prefix=".stamp-prune-", dir=out))
+    except OSError as exc:
+        raise OutputDirError(
+            f"output directory {out} is not writable ({exc.strerror or exc}): fix its permissions or choose another one"
+        ) from None
+
+
+def _write_error(out: Path, name: str, exc: OSError) -> OutputDirError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk (or quota) is full"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the directory is not writable"
+    else:
+        why = exc.strerror or str(exc)
+    return OutputDirError(f"writing {name} to {out} failed: {why} ({exc.strerror or exc}); nothing was written")
+
+
+def _commit(staging: Path, out: Path, blobs: dict[str, bytes]) -> dict[str, str]:
+    """Write ``blobs`` into staging, then rename them into ``out`` with the spec last."""
+    for name, data in blobs.items():
+        try:
+            with open(staging / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise _write_error(out, name, exc) from None
+    try:
+        (out / SPEC_FILE).unlink(missing_ok=True)  # no old spec may describe the new weights
+        for name in _COMMIT_ORDER:
+            if name in blobs:
+                os.replace(staging / name, out / name)
+    except OSError as exc:
+        raise _write_error(out, SPEC_FILE, exc) from None
+    return {name: str(out / name) for name in _COMMIT_ORDER if name in blobs}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _state_dict_bytes(model: nn.Module) -> bytes:
+    # Serialise in memory: torch.save reports a full disk as a generic RuntimeError, plain file
+    # writes report OSError with errno, which _write_error can explain.
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def _check_parity(kind: str, diff: float, ref_scale: float, atol: float) -> None:
+    """``diff`` must be below ``atol``, scaled up for logits larger than 1.
+
+    float32 carries ~7 significant digits, so two correct runtimes disagree by ~1e-7 of the
+    logits' magnitude; scaling keeps a (badly trained) net with huge logits from failing a
+    faithful export, and is exactly ``atol`` for ordinary logits.
+    """
+    tol = atol * max(1.0, ref_scale)
+    if not diff < tol:
+        raise ExportError(
+            f"the {kind} export differs from the PyTorch model by {diff:.3g} "
+            f"(tolerance {tol:.3g} for logits up to {ref_scale:.3g})"
+        )
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, check_inputs: torch.Tensor, atol: float = 1e-4) -> tuple[bytes, float]:
+    """ONNX bytes (dynamic batch) and the max abs logit difference vs PyTorch under onnxruntime."""
+    # torch's TorchScript-based exporter needs onnx to write the model; onnxruntime checks it.
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"the ONNX export needs {' and '.join(missing)}: pip install onnx onnxruntime, "
+            "or turn the ONNX export off (export_onnx_model=False)"
+        )
+    import onnxruntime as ort
+    model.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is chosen on purpose (see the module docstring).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (check_inputs[:2],), buf, dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    data = buf.getvalue()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    diff, scale = 0.0, 0.0
+    for batch in (check_inputs[:1], check_inputs):  # batch 1 and a larger one: the batch axis is dynamic
+        ref = model(batch).numpy()
+        got = session.run(["logits"], {"images": batch.numpy()})[0]
+        diff, scale = max(diff, _max_abs_diff(ref, got)), max(scale, float(np.abs(ref).max()))
+    _check_parity("ONNX", diff, scale, atol)
+    return data, diff
+
+
+@torch.no_grad()
+def export_torchscript(model: nn.Module, check_inputs: torch.Tensor, atol: float = 1e-4) -> tuple[bytes, float]:
+    """TorchScript (traced) bytes and the max abs logit difference of the reloaded module vs PyTorch."""
+    model.eval()
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.jit as deprecated; TorchScript is still the format C++ and
+        # mobile runtimes load, which is why the file is produced.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, check_inputs[:2])
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        data = buf.getvalue()
+        reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    diff, scale = 0.0, 0.0
+    for batch in (check_inputs[:1], check_inputs):
+        ref = model(batch).numpy()
+        diff, scale = max(diff, _max_abs_diff(ref, reloaded(batch).numpy())), max(scale, float(np.abs(ref).max()))
+    _check_parity("TorchScript", diff, scale, atol)
+    return data, diff
+
+
+def _latencies(full: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, int], threads: int) -> dict[str, float]:
+    """Median ms per forward pass at batch 1 and 64 with a fixed thread count (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for label, model in (("full", full), ("pruned", pruned)):
+            out[f"{label}_b1"] = 1000 * measure_latency(model, input_shape, 1, repeats=20, warmup=3)
+            out[f"{label}_b64"] = 1000 * measure_latency(model, input_shape, 64, repeats=5, warmup=2)
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prune_dataset(
+    model_uri_or_pruner: StampPruner | str | os.PathLike[str],
+    data: ArrayDataset | str,
+    macs_ratio: float,
+    finetune_epochs: int,
+    out_dir: str | os.PathLike[str],
+    round_to: int = 1,
+    seed: int = 0,
+    sample_per_class: int = 20,
+    progress: bool = True,
+    *,
+    latency_threads: int = 1,
+    export_onnx_model: bool = True,
+    export_torchscript_model: bool = True,
+    parity_atol: float = 1e-4,
+    finetune: TrainConfig | None = None,
+) -> PruneReport:
+    """Prune a registered pruner's backbone for ``data`` and write a deployable model to ``out_dir``.
+
+    Args:
+        model_uri_or_pruner: a StampPruner, a registry URI (``models:/stamp-pruner@champion``) or a
+            pruner directory.
+        data: an ArrayDataset, a ``load_source`` spec (``procedural:NAME``, ``digits``,
+            ``npz:PATH``, ``folder:PATH``), ``catalog:NAME`` or ``s3://BUCKET/PREFIX/NAME``.
+        macs_ratio: budget in (0, 1]: MACs of the pruned net <= this share of the full net's.
+        finetune_epochs: fine-tune epochs of the pruned net (0: prototype head only).
+        out_dir: output directory (created; files in it are replaced).
+        round_to: keep a multiple of this many channels per layer.
+        seed: picks the encoder's sample and seeds fine-tuning.
+        sample_per_class: images per class the set encoder reads (capped by the pruner's max_support).
+        progress: print one line per step to stderr.
+        latency_threads: torch threads during the latency measurement.
+        export_onnx_model, export_torchscript_model: write and verify those exports.
+        parity_atol: largest accepted logit difference of an export vs PyTorch (scaled by the
+            largest logit when that exceeds 1).
+        finetune: full fine-tune settings (its ``epochs`` and ``seed`` are overridden).
+
+    Raises:
+        ValueError: bad arguments or data. OutputDirError: output not writable or disk full.
+        ExportError: an export does not reproduce the model. RegistryError: pruner not found.
+    """
+    ratio = _check_args(macs_ratio, finetune_epochs, round_to, sample_per_class)
+    if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
+        raise ValueError(f"latency_threads={latency_threads!r}: expected an integer >= 1")
+    out = Path(out_dir).expanduser().resolve()
+    say = _Progress(progress)
+    staging = _open_output(out)  # before any work: a bad output directory fails in milliseconds
+    try:
+        say("loading pruner")
+        pruner, pruner_source = resolve_pruner(model_uri_or_pruner)
+        pruner.eval()
+        say("loading data")
+        ds = resolve_data(data)
+        size, channels = pruner.config.image_size, pruner.backbone.in_channels
+        input_shape = (channels, size, size)
+        x_train = prepare_images(ds.x_train, size, channels)
+        y_train = torch.from_numpy(ds.y_train)
+        has_test = len(ds.x_test) > 0
+        x_test = prepare_images(ds.x_test, size, channels) if has_test else None
+        y_test = torch.from_numpy(ds.y_test) if has_test else None
+        num_classes = ds.num_classes
+        if int(ds.y_train.max()) + 1 != num_classes:
+            # prune_for_task sizes the head from the train labels; the exported net must still
+            # have one output per class name.
+            raise PruneError(
+                f"dataset {ds.name!r} has {num_classes} classes but its train split has no image of "
+                f"class {num_classes - 1} ({ds.class_names[-1]!r}): every class needs training images"
+            )
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            say(f"pruning to {ratio:g} of the MACs")
+            t0 = time.perf_counter()
+            idx = torch.from_numpy(class_balanced_sample(ds.y_train, sample_per_class, seed, pruner.config.max_support))
+            with torch.no_grad():
+                embedding = pruner.embed(pruner.extract_features(x_train[idx]), y_train[idx])
+            embed_seconds = time.perf_counter() - t0
+            cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
+            if finetune_epochs:
+                say(f"fine-tuning {finetune_epochs} epoch(s) on {len(x_train)} images")
+            result = prune_for_task(
+                pruner, x_train, y_train, x_test, y_test, macs_ratio=ratio, finetune=cfg,
+                round_to=round_to, embedding=embedding,
+            )
+        model = result.model.eval()
+
+        say("measuring")
+        full = build_backbone_from_config({**pruner.backbone.config, "num_classes": num_classes}).eval()
+        macs_full, params_full = count_macs_params(full, input_shape)
+        macs_pruned, params_pruned = count_macs_params(model, input_shape)
+        latency = _latencies(full, model, input_shape, latency_threads)
+
+        say("exporting")
+        t1 = time.perf_counter()
+        check = (x_test if has_test else x_train)[:8].contiguous()
+        if len(check) < 2:
+            check = torch.cat([check, check])
+        weights = _state_dict_bytes(model)
+        blobs: dict[str, bytes] = {WEIGHTS_FILE: weights}
+        onnx_diff = ts_diff = None
+        if export_onnx_model:
+            blobs[ONNX_FILE], onnx_diff = export_onnx(model, check, parity_atol)
+        if export_torchscript_model:
+            blobs[TORCHSCRIPT_FILE], ts_diff = export_torchscript(model, check, parity_atol)
+        spec = dataclasses.replace(result.spec, metadata={
+            **result.spec.metadata,
+            "dataset": ds.name,
+            "num_classes": num_classes,
+            "class_names": list(ds.class_names),
+            "weights_sha256": _sha256(weights),
+        })
+        export_seconds = time.perf_counter() - t1
+        report = PruneReport(
+            out_dir=str(out), dataset=ds.name, pruner=pruner_source, class_names=list(ds.class_names),
+            n_train=len(ds.x_train), n_test=len(ds.x_test), macs_ratio_target=ratio, round_to=round_to,
+            seed=seed, finetune_epochs=finetune_epochs, sample_size=len(idx),
+            accuracy_before_finetune=result.accuracy_before_finetune, accuracy=result.accuracy,
+            macs_full=macs_full, macs_pruned=macs_pruned, params_full=params_full, params_pruned=params_pruned,
+            latency_threads=latency_threads, latency_ms=latency,
+            prune_seconds=embed_seconds + result.prune_seconds, finetune_seconds=result.finetune_seconds,
+            export_seconds=export_seconds,
+            total_seconds=embed_seconds + result.prune_seconds + result.finetune_seconds + export_seconds,
+            onnx_max_abs_diff=onnx_diff, torchscript_max_abs_diff=ts_diff, history=result.history,
+        )
+        report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
+        blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
+        blobs[REPORT_MD] = report.to_markdown().encode()
+        blobs[SPEC_FILE] = spec.to_json(indent=2).encode()
+        say(f"writing {out}")
+        _commit(staging, out, blobs)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(
+        f"done: {report.macs_ratio:.3f} of the MACs, accuracy "
+        f"{'n/a' if report.accuracy is None else f'{100 * report.accuracy:.1f}%'}, "
+        f"{report.total_seconds:.1f} s data -> deployable"
+    )
+    return report
+
+
+class _Progress:
+    """One line per step on stderr with the elapsed time; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self._console: Callable[[str], None] | None = None
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False).print
+        self._console(f"[dim][{time.perf_counter() - self.t0:6.1f}s][/dim] {message}")
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def load_pruned(out_dir: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the pruned network from ``spec.json`` + ``pruned_state_dict.pt`` (eval mode).
+
+    The architecture comes from the backbone definition and the spec; the weights are read with
+    ``weights_only=True`` and must match the sha256 recorded in the spec.
+    """
+    out = Path(out_dir)
+    spec_path, weights_path = out / SPEC_FILE, out / WEIGHTS_FILE
+    missing = [p.name for p in (spec_path, weights_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out} is not a pruned model directory: missing {', '.join(missing)} (written by `stamp prune`)")
+    spec = PruneSpec.load(spec_path)
+    data = weights_path.read_bytes()
+    expected = spec.metadata.get("weights_sha256")
+    if expected is not None and expected != _sha256(data):
+        raise ValueError(f"{weights_path} does not belong to {spec_path} (sha256 mismatch): re-run `stamp prune`")
+    state = load_weights(io.BytesIO(data), "cpu", what=str(weights_path))
+    if "classifier.weight" not in state:
+        raise ValueError(f"{weights_path} has no classifier.weight: not a STAMP backbone state_dict")
+    model = build_backbone_from_config(spec.backbone)
+    spec.apply(model)
+    model.reset_classifier(int(state["classifier.weight"].shape[0]))
+    model.load_state_dict(state)
+    return model.eval()

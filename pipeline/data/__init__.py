@@ -1,0 +1,104 @@
+"""The data plane: datasets from their sources to S3 shards to episodes, and training checkpoints on storage.
+
+Data flows through the modules in this order::
+
+    sources   (digits, npz, image folders, torchvision, procedural) -> ArrayDataset
+    ingest    ArrayDataset -> WebDataset shards + a catalog entry     (s3: S3 or a local directory)
+    catalog   catalog.json: datasets, splits, shards, sha256
+    streams   shards -> Sample streams, split over ranks and DataLoader workers
+    episodes  Sample streams -> meta-training Episodes (+ a background Prefetcher)
+
+``checkpoints`` holds the layout of training run checkpoints on the same storage (written by
+:mod:`pipeline.training`, read back by :mod:`pipeline.registry` and the benchmark). The S3
+operations stay behind the ``s3`` module (``s3.get_bytes``, ``s3.list_urls``, ...).
+"""
+
+from pipeline.data import s3
+from pipeline.data.catalog import (
+    CATALOG_FILENAME,
+    SCHEMA_VERSION,
+    Catalog,
+    CatalogEntry,
+    ShardInfo,
+    SplitInfo,
+    catalog_url_for,
+    validate_name,
+    validate_shard_url,
+)
+from pipeline.data.checkpoints import (
+    BACKBONE_CONFIG_FILE,
+    BACKBONE_WEIGHTS_FILE,
+    CHECKPOINT_PREFIX,
+    OPTIMIZER_FILE,
+    PRUNER_CONFIG_FILE,
+    STATE_FILE,
+    checkpoint_to_local,
+    download_prefix,
+    latest_run_checkpoint,
+    load_backbone_dir,
+    load_pretrained_backbone,
+    read_checkpoint_state,
+    save_backbone,
+    storage_filesystem,
+    write_json_atomic,
+    write_meta_checkpoint,
+)
+from pipeline.data.episodes import EpisodeSampler, Prefetcher
+from pipeline.data.ingest import (
+    DEFAULT_SHARD_SIZE,
+    SHARD_NAME_RE,
+    ShardHook,
+    encode_png,
+    ingest_dataset,
+    ingest_source,
+    remove_dataset,
+    shard_name,
+    write_shard,
+)
+from pipeline.data.s3 import ObjectNotFoundError, StorageError
+from pipeline.data.sources import (
+    GLYPH_CLASSES,
+    IMAGE_EXTENSIONS,
+    PROCEDURAL_DATASETS,
+    SHAPE_NAMES,
+    TEXTURE_NAMES,
+    ArrayDataset,
+    ProceduralBuilder,
+    build_procedural,
+    import_torchvision_datasets,
+    load_digits_dataset,
+    load_image_folder,
+    load_npz,
+    load_source,
+    load_torchvision,
+    select_classes,
+)
+from pipeline.data.streams import (
+    STAT_KEYS,
+    DataQualityError,
+    Sample,
+    SampleStream,
+    ShardAssignment,
+    assign_shards,
+    dataloader_worker,
+    iter_samples,
+    load_split_arrays,
+    new_stats,
+)
+
+__all__ = [
+    "s3", "ObjectNotFoundError", "StorageError",
+    "CATALOG_FILENAME", "SCHEMA_VERSION", "Catalog", "CatalogEntry", "ShardInfo", "SplitInfo", "catalog_url_for", "validate_name",
+    "validate_shard_url",
+    "BACKBONE_CONFIG_FILE", "BACKBONE_WEIGHTS_FILE", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "PRUNER_CONFIG_FILE",
+    "STATE_FILE", "checkpoint_to_local", "download_prefix", "latest_run_checkpoint", "load_backbone_dir",
+    "load_pretrained_backbone", "read_checkpoint_state", "save_backbone", "storage_filesystem", "write_json_atomic",
+    "write_meta_checkpoint",
+    "EpisodeSampler", "Prefetcher",
+    "DEFAULT_SHARD_SIZE", "SHARD_NAME_RE", "ShardHook", "encode_png", "ingest_dataset", "ingest_source", "remove_dataset", "shard_name", "write_shard",
+    "GLYPH_CLASSES", "IMAGE_EXTENSIONS", "PROCEDURAL_DATASETS", "SHAPE_NAMES", "TEXTURE_NAMES", "ArrayDataset",
+    "ProceduralBuilder", "build_procedural", "import_torchvision_datasets", "load_digits_dataset",
+    "load_image_folder", "load_npz", "load_source", "load_torchvision", "select_classes",
+    "STAT_KEYS", "DataQualityError", "Sample", "SampleStream", "ShardAssignment", "assign_shards",
+    "dataloader_worker", "iter_samples", "load_split_arrays", "new_stats",
+]

@@ -1,0 +1,380 @@
+"""The dataset catalog: one versioned JSON document (``catalog.json``) describing every source dataset.
+
+For each dataset it records the class count and names, the image shape ``(H, W, C)``, and per split
+the shard URLs with their sha256 and sample counts, plus when and from what it was ingested.
+Readers (episode streaming, pretraining) only ever look at shards the catalog lists, and ingest
+writes the catalog last, so an entry always points at complete shards.
+
+The catalog lives at any URL :mod:`pipeline.data.s3` accepts (``s3://bucket/prefix/catalog.json`` or a
+local path). :meth:`Catalog.content_hash` is a stable fingerprint of the data (not of timestamps or
+locations) for lineage tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.data import s3
+
+SCHEMA_VERSION = 1
+CATALOG_FILENAME = "catalog.json"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MAX_NAME_LEN = 128
+
+
+def validate_name(name: str, what: str = "dataset name") -> str:
+    """Return name if it is safe as one path component of a URL, else raise ValueError.
+
+    Allowed: ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 128 characters, no ``..``; so no slashes,
+    spaces, leading dots or traversal.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be a string, got {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{what} is empty: use letters, digits, '.', '_' or '-'")
+    if len(name) > _MAX_NAME_LEN:
+        raise ValueError(f"{what} {name!r} is longer than {_MAX_NAME_LEN} characters")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"{what} {name!r} contains a slash: it must be a single path component")
+    if ".." in name:
+        raise ValueError(f"{what} {name!r} contains '..': not allowed in names")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"{what} {name!r} is invalid: it must match [A-Za-z0-9][A-Za-z0-9._-]* "
+            "(start with a letter or digit; then letters, digits, '.', '_' or '-')"
+        )
+    return name
+
+
+def validate_shard_url(url: str, dataset: str, split: str) -> str:
+    """Return url if it is ``<root>/<dataset>/<split>-NNNNNN.tar`` with no traversal, else raise ValueError.
+
+    A catalog is data, possibly edited by hand or tampered with: a shard URL outside its
+    dataset's directory would make readers fetch, and ``datasets remove`` delete, objects that
+    belong to something else.
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not a non-empty string")
+    if any(ord(ch) < 32 or ch == "\\" for ch in url):
+        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} contains a backslash or a control character")
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        if scheme not in ("s3", "file"):
+            raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has scheme {scheme!r}: expected s3://, file:// or a path")
+        path = rest.split("/", 1)[1] if scheme == "s3" and "/" in rest else ("" if scheme == "s3" else rest)
+    else:
+        path = url
+    parts = path.split("/")
+    inner = parts if sep and scheme == "s3" else parts[1:]  # a local path may start at the root
+    if any(part in (".", "..") for part in parts) or "" in inner:
+        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has '.', '..' or empty path segments")
+    expected = re.compile(rf"(?:^|/){re.escape(dataset)}/{re.escape(split)}-\d{{6}}\.tar$")
+    if not expected.search(path):
+        raise ValueError(
+            f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not inside the dataset's directory: "
+            f"expected .../{dataset}/{split}-NNNNNN.tar"
+        )
+    return url
+
+
+def utc_now() -> str:
+    """An ISO-8601 UTC timestamp with second precision."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar shard: where it is, its sha256 and how many samples it holds."""
+
+    url: str
+    sha256: str
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "sha256": self.sha256, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ShardInfo:
+        _require_keys(data, ("url", "sha256", "samples"), where)
+        _require_type(data["url"], str, f"{where}.url", "a string")
+        sha = _require_type(data["sha256"], str, f"{where}.sha256", "a string")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ValueError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
+        samples = _as_count(data["samples"], f"{where}.samples")
+        return cls(url=data["url"], sha256=sha, samples=samples)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """A split (``train``, ``test``): its shards and total sample count."""
+
+    shards: tuple[ShardInfo, ...]
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "shards": [s.to_dict() for s in self.shards]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> SplitInfo:
+        _require_keys(data, ("shards", "samples"), where)
+        _require_type(data["shards"], list, f"{where}.shards", "a list of shards")
+        shards = tuple(ShardInfo.from_dict(s, f"{where}.shards[{i}]") for i, s in enumerate(data["shards"]))
+        samples = _as_count(data["samples"], f"{where}.samples")
+        if samples != sum(s.samples for s in shards):
+            raise ValueError(f"{where}: samples={samples} but its shards hold {sum(s.samples for s in shards)}")
+        return cls(shards=shards, samples=samples)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.shards]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """Everything a reader needs to know about one dataset."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    splits: dict[str, SplitInfo]
+    created_at: str
+    source: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        for split, info in self.splits.items():
+            validate_name(split, "split name")
+            for shard in info.shards:
+                validate_shard_url(shard.url, self.name, split)
+        if self.num_classes < 1:
+            raise ValueError(f"dataset {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
+        if len(self.image_shape) != 3 or self.image_shape[2] not in (1, 3) or min(self.image_shape) < 1:
+            raise ValueError(
+                f"dataset {self.name!r}: image_shape {self.image_shape} must be (H, W, C) with C in {{1, 3}}"
+            )
+
+    def split(self, name: str) -> SplitInfo:
+        """The named split; KeyError listing the available ones when absent."""
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise KeyError(f"dataset {self.name!r} has no split {name!r}; it has {sorted(self.splits)}") from None
+
+    @property
+    def shard_urls(self) -> list[str]:
+        """Every shard URL of every split."""
+        return [s.url for split in self.splits.values() for s in split.shards]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "image_shape": list(self.image_shape),
+            "splits": {k: v.to_dict() for k, v in sorted(self.splits.items())},
+            "created_at": self.created_at,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "entry") -> CatalogEntry:
+        _require_keys(
+            data,
+            ("name", "num_classes", "class_names", "image_shape", "splits", "created_at", "source"),
+            where,
+        )
+        # Strict types: a coerced value (the string "281" read as the shape (2, 8, 1)) would be
+        # silently wrong.
+        raw_shape = _require_type(data["image_shape"], list, f"{where}.image_shape", "a list [H, W, C]")
+        if len(raw_shape) != 3:
+            raise ValueError(f"{where}.image_shape must have 3 entries (H, W, C), got {raw_shape!r}")
+        shape = tuple(_as_count(v, f"{where}.image_shape[{i}]") for i, v in enumerate(raw_shape))
+        names = _require_type(data["class_names"], list, f"{where}.class_names", "a list of strings")
+        for i, c in enumerate(names):
+            _require_type(c, str, f"{where}.class_names[{i}]", "a string")
+        splits = _require_type(data["splits"], dict, f"{where}.splits", "an object of splits")
+        try:
+            return cls(
+            name=_require_type(data["name"], str, f"{where}.name", "a string"),
+            num_classes=_as_count(data["num_classes"], f"{where}.num_classes"),
+            class_names=tuple(names),
+            image_shape=(shape[0], shape[1], shape[2]),
+            splits={k: SplitInfo.from_dict(v, f"{where}.splits.{k}") for k, v in splits.items()},
+            created_at=_require_type(data["created_at"], str, f"{where}.created_at", "an ISO-8601 string"),
+            source=_require_type(data["source"], str, f"{where}.source", "a string"),
+            )
+        except ValueError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ValueError(f"{where}: {exc}") from None  # name the document and the entry
+
+    def content_dict(self) -> dict[str, Any]:
+        """The part of the entry that describes the data itself (no time, no locations)."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "image_shape": list(self.image_shape),
+            "splits": {k: [[s.sha256, s.samples] for s in v.shards] for k, v in sorted(self.splits.items())},
+        }
+
+    def same_content(self, other: CatalogEntry) -> bool:
+        """True when both entries describe the same bytes at the same URLs (timestamps aside)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("created_at")
+        theirs.pop("created_at")
+        return mine == theirs
+
+
+@dataclass
+class Catalog:
+    """All datasets known to the platform, keyed by name."""
+
+    datasets: dict[str, CatalogEntry] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -------------------------------------------------------------------------- editing
+
+    def add(self, entry: CatalogEntry, *, replace: bool = True) -> None:
+        """Add or replace a dataset entry.
+
+        Raises:
+            ValueError: the name exists and ``replace`` is False.
+        """
+        if not replace and entry.name in self.datasets:
+            raise ValueError(f"dataset {entry.name!r} is already in the catalog (pass replace=True)")
+        self.datasets[entry.name] = entry
+
+    def remove(self, name: str) -> CatalogEntry:
+        """Remove and return a dataset entry; KeyError naming the known datasets when absent."""
+        validate_name(name)
+        try:
+            return self.datasets.pop(name)
+        except KeyError:
+            raise KeyError(self._unknown(name)) from None
+
+    def get(self, name: str) -> CatalogEntry:
+        """The entry for name; KeyError naming the known datasets when absent."""
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise KeyError(self._unknown(name)) from None
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(sorted(self.datasets)) or "none"
+        return f"dataset {name!r} is not in the catalog (known: {known}); ingest it with `stamp ingest`"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.datasets
+
+    def names(self) -> list[str]:
+        return sorted(self.datasets)
+
+    # ---------------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "datasets": {k: v.to_dict() for k, v in sorted(self.datasets.items())},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "catalog") -> Catalog:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{where}: schema_version {version!r} is not supported (this code reads version "
+                f"{SCHEMA_VERSION}); upgrade STAMP or re-ingest the datasets"
+            )
+        _require_keys(data, ("datasets",), where)
+        datasets: dict[str, CatalogEntry] = {}
+        for key, raw in _require_type(data["datasets"], dict, f"{where}: datasets", "an object").items():
+            entry = CatalogEntry.from_dict(raw, f"{where}: datasets.{key}")
+            if entry.name != key:
+                raise ValueError(f"{where}: datasets.{key} has name {entry.name!r}")
+            datasets[key] = entry
+        return cls(datasets=datasets, schema_version=version)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "catalog") -> Catalog:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, url: str, *, missing_ok: bool = True, endpoint_url: str | None = None) -> Catalog:
+        """Read the catalog at url; an absent one is empty when ``missing_ok``.
+
+        Raises:
+            pipeline.data.s3.ObjectNotFoundError: absent and not ``missing_ok``.
+            pipeline.data.s3.StorageError: storage unreachable / bucket missing / credentials rejected.
+            ValueError: the document is not a valid catalog (the message names the URL and field).
+        """
+        try:
+            text = s3.get_bytes(url, endpoint_url=endpoint_url).decode("utf-8")
+        except s3.ObjectNotFoundError:
+            if missing_ok:
+                return cls()
+            raise
+        return cls.from_json(text, where=f"catalog {url}")
+
+    def save(self, url: str, *, endpoint_url: str | None = None) -> None:
+        """Write the catalog to url atomically (temp file + rename locally, one PUT on S3)."""
+        s3.put_bytes(url, self.to_json().encode("utf-8"), content_type="application/json", endpoint_url=endpoint_url)
+
+    # ---------------------------------------------------------------------------- lineage
+
+    def content_hash(self) -> str:
+        """sha256 over the data the catalog describes: names, classes, shapes, shard hashes and counts.
+
+        Independent of timestamps, shard locations and dict order, so the same data ingested again
+        (or into another bucket) hashes the same.
+        """
+        payload = {
+            "schema_version": self.schema_version,
+            "datasets": [self.datasets[k].content_dict() for k in sorted(self.datasets)],
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()
+
+
+def catalog_url_for(dest: str) -> str:
+    """The default catalog location for a data root: ``<dest>/catalog.json``."""
+    return s3.join_url(dest, CATALOG_FILENAME)
+
+
+def _require_keys(data: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+
+
+def _require_type(value: Any, kind: type, where: str, expected: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value
+
+
+def _as_count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
+    return value

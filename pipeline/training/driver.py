@@ -1,0 +1,103 @@
+"""What the drivers of the training jobs share, before and after ``TorchTrainer.fit``.
+
+Before any cluster work: resolve the catalog, the sources and the storage / tracking locations,
+and pin them into the config the workers receive. Around the fit: the ``ScalingConfig``, closing
+the MLflow run whatever happens, and a local directory for the run's result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.config import ConfigError, MetaTrainConfig, PretrainConfig, resolved_storage_path, resolved_tracking_uri
+from pipeline.training.tracking import end_mlflow_run
+
+
+def resolve_sources(cfg_sources: Any, catalog: Any) -> list[str]:
+    """``"all"`` -> every catalogued dataset; a list is checked against the catalog."""
+    names = catalog.names() if cfg_sources == "all" else list(cfg_sources)
+    if not names:
+        raise ConfigError("data.sources: the catalog has no datasets; ingest some with `stamp ingest`")
+    missing = [n for n in names if n not in catalog]
+    if missing:
+        known = ", ".join(catalog.names()) or "none"
+        raise ConfigError(f"data.sources: {missing} not in the catalog (known: {known}); ingest with `stamp ingest`")
+    return names
+
+
+def load_catalog(catalog_url: str, endpoint: str | None) -> Any:
+    """The catalog at ``catalog_url``; a missing one is a ConfigError that says to ingest first."""
+    from pipeline.data import Catalog, s3
+
+    try:
+        return Catalog.load(catalog_url, missing_ok=False, endpoint_url=endpoint)
+    except s3.ObjectNotFoundError:
+        raise ConfigError(
+            f"data.catalog_url: no catalog at {catalog_url}; ingest datasets first (`stamp ingest`) "
+            "or point data.catalog_url at an existing catalog.json"
+        ) from None
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the settings (None for AWS itself)."""
+    from pipeline.settings import get_settings
+
+    return get_settings().s3_endpoint
+
+
+def pin_locations(cfg: MetaTrainConfig | PretrainConfig, catalog_url: str) -> None:
+    """Write the resolved catalog, storage and tracking locations into the config.
+
+    Processes Ray starts later (Tune trial drivers, workers) may see another environment than
+    this driver; the config they receive must not be resolved again. A tracking URI with
+    embedded credentials is left unpinned (configs never carry secrets).
+    """
+    cfg.data.catalog_url = catalog_url
+    cfg.storage_path = resolved_storage_path(cfg.storage_path)
+    if cfg.mlflow.enabled:
+        uri = resolved_tracking_uri(cfg.mlflow)
+        # One short probe: MLflow's client would otherwise retry an unreachable server for minutes.
+        from pipeline.registry import check_tracking_uri
+        from pipeline.settings import get_settings
+
+        get_settings().state_dir.mkdir(parents=True, exist_ok=True)  # home of the default sqlite store
+        check_tracking_uri(uri)
+        if not cfg.mlflow.tracking_uri and ("://" not in uri or not urlsplit(uri).password):
+            cfg.mlflow.tracking_uri = uri
+
+
+def fit(trainer: Any, cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, what: str) -> Any:
+    """``trainer.fit()``; close the MLflow run either way; the result must hold a checkpoint."""
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+    finally:
+        end_mlflow_run(cfg, run_id, ok)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} finished without a checkpoint")
+    return result
+
+
+def scaling_config(cfg: MetaTrainConfig | PretrainConfig) -> Any:
+    """Ray's ``ScalingConfig`` for ``cfg.scaling`` (one GPU per worker when ``use_gpu``)."""
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                         resources_per_worker=resources)
+
+
+def local_root(kind: str, name: str) -> Path:
+    """``<state dir>/checkpoints/<kind>/<name>``, created: where a run's result is copied locally."""
+    from pipeline.settings import get_settings
+
+    root = get_settings().state_dir / "checkpoints" / kind / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,283 @@
+"""Reference pretraining of the backbone: supervised, on the union of the source datasets (Ray Train, DDP).
+
+Every rank reads its own shards of every source into memory (the sources are small); labels
+follow each other in one joint label space (:func:`label_space`). Checkpoints hold the backbone
+(``backbone.json`` + ``backbone_state_dict.pt``, usable as a ``pretrained:`` source), the
+optimizer and ``state.json``; re-running with the same ``run_name`` continues from the last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, PretrainConfig, resolved_catalog_url, resolved_storage_path, resolved_tracking_uri
+from pipeline.data import (
+    CHECKPOINT_PREFIX,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    checkpoint_to_local,
+    iter_samples,
+    latest_run_checkpoint,
+    load_backbone_dir,
+    load_split_arrays,
+    read_checkpoint_state,
+    save_backbone,
+    storage_filesystem,
+    write_json_atomic,
+)
+from pipeline.training.context import RayContext, WorkerContext, WorkerSetup, emit, set_threads
+from pipeline.training.distributed import broadcast_state, is_distributed, mean_over_ranks
+from pipeline.training.driver import fit, load_catalog, local_root, pin_locations, resolve_sources, s3_endpoint, scaling_config
+from pipeline.training.tracking import Tracker, start_mlflow_run
+from stamp_core import Backbone, build_backbone, evaluate_accuracy, prepare_images, random_shift
+from stamp_core.pruner import load_weights
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced."""
+
+    name: str
+    path: str
+    epoch: int
+    metrics: dict[str, Any]
+    checkpoint: Any
+    backbone_dir: Path  #: local directory: backbone.json + backbone_state_dict.pt (a `pretrained:` source)
+    mlflow_run_id: str | None
+    result: Any = field(repr=False, default=None)
+
+    def load_backbone(self) -> Backbone:
+        return load_backbone_dir(self.backbone_dir)
+
+
+@dataclass
+class _JointData:
+    """Per-dataset uint8 images (native size) with labels in the joint label space."""
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return sum(len(y) for y in self.labels)
+
+    def batch(self, index: np.ndarray, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of global indices, prepared per dataset (sizes and channels may differ)."""
+        bounds = np.cumsum([0] + [len(y) for y in self.labels])
+        xs, ys = [], []
+        for d in range(len(self.labels)):
+            local = index[(index >= bounds[d]) & (index < bounds[d + 1])] - bounds[d]
+            if len(local):
+                xs.append(prepare_images(self.images[d][local], image_size))
+                ys.append(torch.as_tensor(self.labels[d][local]))
+        return torch.cat(xs), torch.cat(ys)
+
+
+def label_space(catalog: Any, names: list[str]) -> list[dict[str, Any]]:
+    """Joint label space: each dataset's classes follow the previous datasets' (``offset``)."""
+    out, offset = [], 0
+    for n in names:
+        entry = catalog.get(n)
+        out.append({"dataset": n, "offset": offset, "num_classes": entry.num_classes,
+                    "class_names": list(entry.class_names)})
+        offset += entry.num_classes
+    return out
+
+
+def _read_rank_share(cfg: PretrainConfig, setup: WorkerSetup, labels: list[dict[str, Any]],
+                     rank: int, world_size: int) -> _JointData:
+    images, ys = [], []
+    cap = None if cfg.max_samples_per_dataset is None else max(1, cfg.max_samples_per_dataset // world_size)
+    for spec in labels:
+        stream = iter_samples(setup.catalog_url, spec["dataset"], cfg.data.split, rank=rank, world_size=world_size,
+                              verify_sha256=cfg.data.verify_sha256, max_bad_fraction=cfg.data.max_bad_fraction,
+                              endpoint_url=setup.s3_endpoint)
+        xs, y = [], []
+        for sample in stream:
+            xs.append(sample.image)
+            y.append(sample.label + spec["offset"])
+            if cap is not None and len(y) >= cap:
+                break
+        if not xs:
+            raise RuntimeError(f"rank {rank} read no samples of {spec['dataset']!r}; use fewer workers or more shards")
+        images.append(np.stack(xs))
+        ys.append(np.asarray(y, dtype=np.int64))
+    return _JointData(images, ys)
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 15% of the steps, then cosine decay (stateless: resumes exactly)."""
+    warm = max(1, int(0.15 * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
+                    labels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-worker supervised pretraining loop on this rank's shards of every source dataset."""
+    device = ctx.device
+    set_threads(cfg.scaling.cpus_per_worker, device)
+    data = _read_rank_share(cfg, setup, labels, ctx.rank, ctx.world_size)
+    n_local = len(data)
+    n = n_local
+    if is_distributed(ctx):  # every rank must take the same number of steps (DDP would hang otherwise)
+        t = torch.tensor([n_local], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t.item())
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    num_classes = sum(s["num_classes"] for s in labels)
+
+    start_epoch = 0
+    with ctx.checkpoint_dir() as ckpt:
+        if ckpt is not None:
+            model = load_backbone_dir(ckpt)
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
+            start_epoch = int(state["epoch"])
+        else:
+            torch.manual_seed(cfg.seed)
+            model = build_backbone(cfg.backbone, num_classes, **cfg.backbone_kwargs)
+            opt_state = None
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    net: torch.nn.Module = model
+    if is_distributed(ctx):
+        broadcast_state(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    eval_sets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if ctx.rank == 0 and cfg.eval_samples > 0:
+        for spec in labels:
+            try:
+                x, y = load_split_arrays(setup.catalog_url, spec["dataset"], "test", endpoint_url=setup.s3_endpoint)
+            except KeyError:
+                continue  # no test split: train accuracy only
+            keep = np.random.default_rng(cfg.seed).permutation(len(y))[: cfg.eval_samples]
+            if len(keep):
+                eval_sets.append((prepare_images(x[keep], cfg.data.image_size), torch.as_tensor(y[keep] + spec["offset"])))
+
+    tracker = Tracker(setup.tracking_uri, setup.mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
+    last: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
+        order = rng.permutation(n_local)[: steps_per_epoch * cfg.batch_size]
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
+        loss_sum = correct = seen = 0.0
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(step, total_steps, cfg.lr)
+            xb, yb = data.batch(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]), cfg.data.image_size)
+            if cfg.augment:
+                xb = random_shift(xb, 2, gen)
+            xb, yb = xb.to(device), yb.to(device)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += float((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+        local = {"loss": loss_sum / seen, "train_accuracy": correct / seen, "_samples": seen,
+                 "_wall": time.perf_counter() - t0}
+        agg = mean_over_ranks(local, ctx, device, sums=("_samples",), maxes=("_wall",))
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": agg["loss"], "train_accuracy": agg["train_accuracy"],
+                                   "samples_per_s": agg["_samples"] / agg["_wall"],
+                                   "lr": float(optimizer.param_groups[0]["lr"])}
+        with tempfile.TemporaryDirectory(prefix="stamp-ckpt-", ignore_cleanup_errors=True) as tmp:
+            ckpt_dir = None
+            if ctx.rank == 0:
+                if eval_sets:
+                    accs = [evaluate_accuracy(model, x.to(device), y.to(device)) for x, y in eval_sets]
+                    metrics["test_accuracy"] = float(np.mean(accs))
+                ckpt_dir = Path(tmp) / "ckpt"
+                save_backbone(ckpt_dir, model, {"image_size": cfg.data.image_size, "labels": labels,
+                                                "epoch": epoch + 1, "run_name": cfg.run_name})
+                torch.save(optimizer.state_dict(), ckpt_dir / OPTIMIZER_FILE)
+                write_json_atomic(ckpt_dir / STATE_FILE, {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                                                    "config_hash": cfg.config_hash(exclude=("run_name", "epochs")),
+                                                    "mlflow_run_id": setup.mlflow_run_id, "run_name": cfg.run_name})
+                tracker.log(metrics, epoch + 1)
+                acc = f" test_acc {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else ""
+                emit(ctx, f"[stamp pretrain {cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
+                      f"train_acc {metrics['train_accuracy']:.3f}{acc} {metrics['samples_per_s']:.0f} img/s")
+            ctx.report(metrics, ckpt_dir, f"{CHECKPOINT_PREFIX}{epoch + 1:08d}")
+        last = metrics
+    return last
+
+
+def _pretrain_loop_ray(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    return pretrain_worker(cfg, RayContext(), WorkerSetup(**config["setup"]), config["labels"])
+
+
+def prepare_pretrain(cfg: PretrainConfig) -> tuple[PretrainConfig, WorkerSetup, list[dict[str, Any]], Any]:
+    """Resolve settings and the joint label space, before any cluster work."""
+    cfg = cfg.model_copy(deep=True)
+    endpoint = s3_endpoint()
+    catalog_url = resolved_catalog_url(cfg.data)
+    catalog = load_catalog(catalog_url, endpoint)
+    cfg.data.sources = resolve_sources(cfg.data.sources, catalog)
+    for n in cfg.data.sources:
+        if cfg.data.split not in catalog.get(n).splits:
+            raise ConfigError(f"data.split: dataset {n!r} has no split {cfg.data.split!r}")
+    pin_locations(cfg, catalog_url)
+    setup = WorkerSetup(catalog_url=catalog_url, s3_endpoint=endpoint,
+                        tracking_uri=resolved_tracking_uri(cfg.mlflow) if cfg.mlflow.enabled else None)
+    return cfg, setup, label_space(catalog, list(cfg.data.sources)), catalog
+
+
+def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Supervised reference pretraining of ``cfg.backbone`` on the union of the sources (Ray Train, DDP).
+
+    Re-running with the same ``run_name`` and ``storage_path`` continues from the last epoch.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, setup, labels, catalog = prepare_pretrain(cfg)
+    storage = cfg.storage_path or resolved_storage_path(None)
+    prior = latest_run_checkpoint(storage, cfg.run_name)
+    run_id = start_mlflow_run(cfg, "pretrain", cfg.run_name, (prior[1] if prior else {}).get("mlflow_run_id"),
+                              {"stamp.catalog_hash": catalog.content_hash(), "stamp.storage_path": storage})
+    setup.mlflow_run_id = run_id
+    path, fs = storage_filesystem(storage)
+    trainer = TorchTrainer(
+        _pretrain_loop_ray,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup), "labels": labels},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    result = fit(trainer, cfg, run_id, f"pretraining run {cfg.run_name}")
+    state = read_checkpoint_state(result.checkpoint) or {}
+    return PretrainResult(
+        name=cfg.run_name,
+        path=str(result.path),
+        epoch=int(state.get("epoch", 0)),
+        metrics=dict(result.metrics or {}),
+        checkpoint=result.checkpoint,
+        backbone_dir=checkpoint_to_local(result.checkpoint, local_root("pretrain", cfg.run_name)),
+        mlflow_run_id=run_id,
+        result=result,
+    )

@@ -1,0 +1,85 @@
+"""The `stamp` command line: help, config validation before any work, friendly errors."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.apps.cli import LAZY_ERROR_TYPES, app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("stack", "ingest", "datasets", "pretrain", "meta-train", "tune", "prune", "demo"):
+        assert command in result.output
+
+
+def test_bad_config_key_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("kind: meta_train\nbackbone: small_cnn\nstepz: 10\n")
+    result = runner.invoke(app, ["meta-train", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "stepz" in result.output
+
+
+def test_bad_override_value_names_the_key(tmp_path: Path) -> None:
+    cfg = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "meta_train_small.yaml"
+    result = runner.invoke(app, ["meta-train", "--config", str(cfg), "optim.lr=-1"])
+    assert result.exit_code == 2
+    assert "optim.lr" in result.output
+
+
+def test_ingest_to_local_directory_and_list(tmp_path: Path) -> None:
+    dest = tmp_path / "data"
+    result = runner.invoke(app, ["ingest", "procedural:stripes?n=5&test=2", "--dest", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert "stripes: 8 classes, 56 samples" in result.output
+    listed = runner.invoke(app, ["datasets", "list", "--catalog", str(dest / "catalog.json")])
+    assert listed.exit_code == 0 and "stripes" in listed.output
+    removed = runner.invoke(app, ["datasets", "remove", "stripes", "--catalog", str(dest / "catalog.json")])
+    assert removed.exit_code == 0
+    assert "stripes" not in runner.invoke(app, ["datasets", "list", "--catalog", str(dest / "catalog.json")]).output
+
+
+def test_name_with_several_sources_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ingest", "digits", "procedural:blobs", "--name", "x", "--dest", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--name applies to a single source" in result.output
+
+
+def test_prune_with_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["prune", "--model", str(tmp_path / "nope"), "--data", "digits", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "error:" in result.output
+
+
+def test_importing_the_cli_stays_light() -> None:
+    """`stamp --help` stays fast: the CLI module imports neither torch nor Ray nor MLflow."""
+    code = ("import sys, pipeline.apps.cli, pipeline.cli; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-W", "ignore::FutureWarning", "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_old_cli_path_still_runs_with_a_future_warning() -> None:
+    """Console scripts installed before the move name `pipeline.cli:app`."""
+    with pytest.warns(FutureWarning, match="pipeline.cli moved to pipeline.apps.cli"):
+        sys.modules.pop("pipeline.cli", None)
+        old = importlib.import_module("pipeline.cli")
+    assert old.app is app
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "meta-train" in proc.stdout
+    assert "FutureWarning" in proc.stderr
+
+
+def test_every_lazily_named_error_type_exists() -> None:
+    """A moved module must not silently turn its friendly errors back into tracebacks."""
+    for module, name in LAZY_ERROR_TYPES:
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)

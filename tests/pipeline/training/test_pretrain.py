@@ -1,0 +1,60 @@
+"""Tests for pipeline.training.pretrain: the pretraining loop in one process (its checkpoint then seeds a
+pruner), and a real 2-worker DDP run on Ray."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, PretrainConfig
+from pipeline.data import load_backbone_dir
+from pipeline.training import LocalContext, build_pruner, label_space, prepare_pretrain, pretrain_worker, run_pretrain
+from tests.pipeline.training._jobs import SOURCES, tiny_meta_config
+
+
+def test_pretrain_worker_in_process_then_meta_train_starts_from_it(local_catalog: str, tmp_path: Path) -> None:
+    cfg = PretrainConfig.model_validate(dict(
+        backbone="small_cnn", backbone_kwargs={"width": 8}, epochs=2, batch_size=32, eval_samples=20,
+        data={"catalog_url": local_catalog, "sources": "all"}, mlflow={"enabled": False},
+    ))
+    cfg, setup, labels, catalog = prepare_pretrain(cfg)
+    assert labels == label_space(catalog, list(SOURCES)) and labels[1]["offset"] == 8
+    ctx = LocalContext(tmp_path / "pre")
+    last = pretrain_worker(cfg, ctx, setup, labels)
+    assert [r["epoch"] for r in ctx.reports] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["test_accuracy"] <= 1 for r in ctx.reports)
+    assert last["train_accuracy"] > 1 / 16  # better than chance over the joint 16 classes
+    backbone_dir = tmp_path / "pre" / "checkpoint_00000002"
+    backbone = load_backbone_dir(backbone_dir)
+    assert backbone.num_classes == 16
+
+    meta = tiny_meta_config(local_catalog, pretrained=str(backbone_dir))
+    pruner = build_pruner(meta)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(pruner.backbone.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match="pretrained: .* holds a small_cnn backbone but backbone=resnet20"):
+        build_pruner(tiny_meta_config(local_catalog, pretrained=str(backbone_dir), backbone="resnet20", backbone_kwargs={}))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_pretrain_two_workers_ddp(ray_local: None, s3_data: tuple[str, str], tmp_path: Path) -> None:
+    _, catalog_url = s3_data
+    cfg = PretrainConfig.model_validate(dict(
+        run_name="pre", storage_path=str(tmp_path / "ray"), backbone="small_cnn", backbone_kwargs={"width": 8},
+        epochs=1, batch_size=16, eval_samples=16, scaling={"num_workers": 2},
+        data={"catalog_url": catalog_url, "sources": "all"}, mlflow={"enabled": False},
+    ))
+    result = run_pretrain(cfg)
+    assert result.epoch == 1 and math.isfinite(result.metrics["loss"])
+    backbone = result.load_backbone()
+    assert backbone.num_classes == 16
+    meta = json.loads((result.backbone_dir / "backbone.json").read_text())
+    assert [s["dataset"] for s in meta["labels"]] == list(SOURCES)
+    logits = backbone(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 16) and np.isfinite(logits.detach().numpy()).all()

@@ -1,0 +1,43 @@
+"""Tests for pipeline.training.validation: the end-of-run plots logged to a real MLflow run, and the
+validation budgets' checks."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import torch
+
+from pipeline.training import build_pruner, build_val_tasks, log_run_plots, prepare_meta_train
+from tests.pipeline.training._jobs import tiny_meta_config
+
+
+@pytest.mark.integration
+def test_run_plots_are_logged_to_the_run(local_catalog: str, mlflow_server: str) -> None:
+    """Kept fractions per held-out task, accuracy vs MACs over the curve budgets, training curves."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, setup, _ = prepare_meta_train(tiny_meta_config(local_catalog, validation={"curve_ratios": [0.2, 0.6]}))
+    assert cfg.validation.curve_ratios == [0.2, 0.6]
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment(f"plots-{secrets.token_hex(4)}")).info.run_id
+    for step in (2, 4):
+        client.log_metric(run_id, "ce", 1.0 / step, step=step)
+        client.log_metric(run_id, "expected_macs_ratio", 0.5, step=step)
+    client.log_metric(run_id, "val_accuracy", 0.4, step=4)  # sparse metrics join the same steps
+    torch.manual_seed(0)
+    pruner = build_pruner(cfg)
+    tasks = build_val_tasks(cfg, setup)
+
+    logged = log_run_plots(client, run_id, pruner, tasks, cfg)
+
+    assert logged == ["plots/kept_fractions.png", "plots/accuracy_vs_macs.png", "plots/training_curves.png"]
+    stored = {a.path: a.file_size for a in client.list_artifacts(run_id, "plots")}
+    assert set(stored) == set(logged) and all(size > 5000 for size in stored.values())
+
+
+def test_curve_ratios_are_validated(local_catalog: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"curve_ratios \[1.5\] outside \(0, 1\]"):
+        tiny_meta_config(local_catalog, validation={"curve_ratios": [0.3, 1.5]})
