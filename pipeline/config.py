@@ -579,6 +579,16 @@ class BenchFinetuneSection(_Strict):
     lr: float = Field(0.01, gt=0, le=10)
     weight_decay: float = Field(5e-4, ge=0)
     augment: bool = True
+    #: further fine-tune lengths (epochs) for the accuracy-vs-epochs view, each a complete schedule from the
+    #: same pruned start; 0 (the prototype head) and ``epochs`` are always recorded.
+    curve: list[int] = Field(default_factory=lambda: [1])
+
+    @field_validator("curve")
+    @classmethod
+    def _curve(cls, v: list[int]) -> list[int]:
+        if any(e < 0 for e in v):
+            raise ValueError(f"epoch counts must be >= 0, got {v}")
+        return sorted(set(v))
 
 
 class BenchBBDSection(_Strict):
@@ -622,6 +632,15 @@ class BenchmarkConfig(_Strict):
     models: list[BenchmarkModel]
     targets: list[BenchmarkTarget]
     methods: list[str] = Field(default_factory=lambda: list(BENCHMARK_METHODS))
+    #: weight sets every mask is applied to: "pretrained" (models[].pretrained) and "meta" (the pruner's
+    #: meta-trained backbone); None = both where every model has pretrained weights, else "meta".
+    weights: list[Literal["pretrained", "meta"]] | None = None
+    #: with two or more targets, also apply STAMP's mask generated for each *other* target (``stamp@U``
+    #: cells): the adaptivity matrix.
+    adaptivity: bool = True
+    #: compute only this share of the grid, "K/N" (cells K, K+N, ... of the plan), so N processes can
+    #: fill one results.csv in parallel; the report covers every recorded cell either way.
+    shard: str | None = None
     #: MACs budgets r (pruned / full); "full" runs once per target, backbone and seed.
     budgets: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.1])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -663,9 +682,12 @@ class BenchmarkConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in BENCHMARK_METHODS]
+        from stamp_core.baselines import list_criteria  # the criteria registry: user-registered ones count
+
+        known = ["full", "stamp", "stamp_mean", *list_criteria()]
+        unknown = [m for m in v if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}: expected some of {', '.join(BENCHMARK_METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}: expected some of {', '.join(known)}")
         return _unique(v, "methods")
 
     @field_validator("budgets")
@@ -681,10 +703,34 @@ class BenchmarkConfig(_Strict):
     def _seeds(cls, v: list[int]) -> list[int]:
         return _unique(v, "seeds")
 
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        m = re.fullmatch(r"(\d+)/(\d+)", str(v)) if v is not None else None
+        if v is not None and not (m and 1 <= int(m.group(1)) <= int(m.group(2))):
+            raise ValueError(f"shard {v!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+        return v
+
+    def shard_index(self) -> tuple[int, int]:
+        """(K - 1, N) of ``shard``; (0, 1) without one."""
+        if self.shard is None:
+            return 0, 1
+        k, n = self.shard.split("/")
+        return int(k) - 1, int(n)
+
     @model_validator(mode="after")
     def _bench_checks(self) -> "BenchmarkConfig":
         _unique([m.backbone for m in self.models], "models (backbone names)")
         _unique([t.name for t in self.targets], "targets (names)")
+        missing = [m.backbone for m in self.models if not m.pretrained]
+        if self.weights is None:
+            self.weights = ["meta"] if missing else ["pretrained", "meta"]
+        _unique(self.weights, "weights")
+        if "pretrained" in self.weights and missing:
+            raise ValueError(
+                f"weights: the pretrained weight set needs models[].pretrained: {', '.join(missing)} has none; "
+                "add it or set weights: [meta]"
+            )
         if "stamp_mean" in self.methods and not self.ablation.sources:
             raise ValueError(
                 "ablation.sources: the stamp_mean method needs source dataset specs to average task "

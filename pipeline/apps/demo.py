@@ -194,24 +194,20 @@ def _prune_fresh_process(model_name: str, preset: DemoPreset, out_dir: Path) -> 
 
 
 def _full_baseline(model_name: str, preset: DemoPreset) -> dict[str, float]:
-    """The unpruned backbone of the champion, fine-tuned on the target exactly like the pruned one."""
+    """The unpruned backbone of the champion through the same prune path as the pruned one (no mask)."""
     import torch
 
     from pipeline.apps.prune import resolve_data
     from pipeline.registry import load_pruner
-    from stamp_core import default_finetune, evaluate_accuracy, init_classifier_from_prototypes, prepare_images, train_classifier
+    from stamp_core import default_finetune, prepare_images, prune_and_finetune
 
     pruner = load_pruner(f"models:/{model_name}@champion")
     ds = resolve_data(f"catalog:{TARGET}")
     size = pruner.config.image_size
     x, y = prepare_images(ds.x_train, size), torch.from_numpy(ds.y_train)
     xt, yt = prepare_images(ds.x_test, size), torch.from_numpy(ds.y_test)
-    model = pruner.backbone
-    model.reset_classifier(ds.num_classes)
-    init_classifier_from_prototypes(model, x, y)
-    t0 = time.perf_counter()
-    train_classifier(model, x, y, default_finetune(preset.finetune_epochs))
-    return {"accuracy": evaluate_accuracy(model, xt, yt), "finetune_seconds": time.perf_counter() - t0}
+    result = prune_and_finetune(pruner.backbone, None, x, y, xt, yt, default_finetune(preset.finetune_epochs))
+    return {"accuracy": result.accuracy, "finetune_seconds": result.finetune_seconds}
 
 
 def _table(report: dict[str, Any], full: dict[str, float]) -> Table:
