@@ -55,7 +55,7 @@ from pipeline.data.ingest import (
     shard_name,
     write_shard,
 )
-from pipeline.data.s3 import ObjectNotFoundError, StorageError
+from pipeline.data.s3 import ObjectNotFoundError, StorageError, absolute_location
 from pipeline.data.sources import (
     GLYPH_CLASSES,
     IMAGE_EXTENSIONS,
@@ -87,7 +87,7 @@ from pipeline.data.streams import (
 )
 
 __all__ = [
-    "s3", "ObjectNotFoundError", "StorageError",
+    "s3", "ObjectNotFoundError", "absolute_location", "StorageError",
     "CATALOG_FILENAME", "SCHEMA_VERSION", "Catalog", "CatalogEntry", "ShardInfo", "SplitInfo", "catalog_url_for", "validate_name",
     "validate_shard_url",
     "BACKBONE_CONFIG_FILE", "BACKBONE_WEIGHTS_FILE", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "PRUNER_CONFIG_FILE",

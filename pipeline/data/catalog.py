@@ -12,11 +12,14 @@ locations) for lineage tags.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pipeline.data import s3
@@ -333,7 +336,33 @@ class Catalog:
             if missing_ok:
                 return cls()
             raise
-        return cls.from_json(text, where=f"catalog {url}")
+        catalog = cls.from_json(text, where=f"catalog {url}")
+        if not s3.is_s3_url(url):
+            catalog._pin_local_shards(s3.local_path(url).expanduser().resolve().parent)
+        return catalog
+
+    def _pin_local_shards(self, root: Path) -> None:
+        """Make relative local shard URLs absolute, so no reader depends on its working directory.
+
+        Catalogs written before ingest pinned its destination hold URLs relative to the directory
+        ingest ran in (``.stamp/data/<dataset>/train-000000.tar``). A relative URL resolves to the
+        ingest layout beside the catalog (``<catalog dir>/<dataset>/<file>``) and, for a catalog
+        moved away from its shards, to the working directory if only that exists.
+        """
+        def pin(url: str) -> str:
+            if s3.is_s3_url(url) or s3.local_path(url).is_absolute():
+                return url
+            rel = s3.local_path(url)
+            beside = root / rel.parent.name / rel.name
+            here = rel.expanduser().resolve()
+            return str(here if here.is_file() and not beside.is_file() else beside)
+
+        for name, entry in self.datasets.items():
+            splits = {
+                split_name: dataclasses.replace(split, shards=tuple(dataclasses.replace(sh, url=pin(sh.url)) for sh in split.shards))
+                for split_name, split in entry.splits.items()
+            }
+            self.datasets[name] = dataclasses.replace(entry, splits=splits)
 
     def save(self, url: str, *, endpoint_url: str | None = None) -> None:
         """Write the catalog to url atomically (temp file + rename locally, one PUT on S3)."""

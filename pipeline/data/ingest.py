@@ -175,7 +175,8 @@ def ingest_dataset(
     validate_name(ds.name)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    catalog_url = catalog_url or catalog_url_for(dest)
+    dest = s3.absolute_location(dest)  # shard URLs in the catalog must mean the same place on every node
+    catalog_url = s3.absolute_location(catalog_url or catalog_url_for(dest))
     prefix = s3.join_url(dest, ds.name)
     previous = Catalog.load(catalog_url, endpoint_url=endpoint_url).datasets.get(ds.name)
     previous_urls = set(previous.shard_urls) if previous is not None else set()

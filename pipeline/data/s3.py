@@ -118,6 +118,18 @@ def local_path(url: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
+def absolute_location(url: str | os.PathLike[str]) -> str:
+    """``s3://`` URLs unchanged; a local path or ``file://`` URL as an absolute path.
+
+    Locations are pinned before anything is written to a catalog or shipped to Ray workers, whose
+    working directory is not the caller's: a relative path would name another place there.
+    """
+    text = os.fspath(url)
+    if is_s3_url(text):
+        return text
+    return str(local_path(text).expanduser().resolve())
+
+
 def join_url(base: str, *parts: str) -> str:
     """Append path components to an S3 URL or a local path, with exactly one ``/`` between them."""
     base = str(base)

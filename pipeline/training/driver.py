@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.data import absolute_location
 from pipeline.config import ConfigError, MetaTrainConfig, PretrainConfig, resolved_storage_path, resolved_tracking_uri
 from pipeline.training.tracking import end_mlflow_run
 
@@ -48,7 +49,7 @@ def s3_endpoint() -> str | None:
 
 
 def pin_locations(cfg: MetaTrainConfig | PretrainConfig, catalog_url: str) -> None:
-    """Write the resolved catalog, storage and tracking locations into the config.
+    """Write the resolved catalog, storage, pretrained-weights and tracking locations into the config.
 
     Processes Ray starts later (Tune trial drivers, workers) may see another environment than
     this driver; the config they receive must not be resolved again. A tracking URI with
@@ -56,6 +57,9 @@ def pin_locations(cfg: MetaTrainConfig | PretrainConfig, catalog_url: str) -> No
     """
     cfg.data.catalog_url = catalog_url
     cfg.storage_path = resolved_storage_path(cfg.storage_path)
+    pretrained = getattr(cfg, "pretrained", "none")  # meta-training only: the backbone to start from
+    if pretrained != "none":
+        cfg.pretrained = absolute_location(pretrained)
     if cfg.mlflow.enabled:
         uri = resolved_tracking_uri(cfg.mlflow)
         # One short probe: MLflow's client would otherwise retry an unreachable server for minutes.

@@ -181,3 +181,24 @@ def test_s3_save_load(seaweedfs: object, s3_bucket: str) -> None:
     loaded = Catalog.load(url)
     assert loaded == catalog
     assert loaded.content_hash() == catalog.content_hash()
+
+
+def test_ingest_pins_local_destinations_and_load_pins_old_relative_shard_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.data import build_procedural, ingest_dataset
+
+    monkeypatch.chdir(tmp_path)
+    entry = ingest_dataset(build_procedural("blobs", n_per_class=3, seed=0, n_test_per_class=1), "data", progress=False)
+    assert all(Path(u).is_absolute() and Path(u).is_file() for u in entry.shard_urls)
+    assert all(u.startswith(str(tmp_path / "data" / "blobs")) for u in entry.shard_urls)
+    # A catalog written before ingest pinned its destination: URLs relative to where ingest ran.
+    raw = json.loads(Path("data/catalog.json").read_text())
+    for split in raw["datasets"]["blobs"]["splits"].values():
+        for shard in split["shards"]:
+            shard["url"] = str(Path(shard["url"]).relative_to(tmp_path))
+    Path("data/catalog.json").write_text(json.dumps(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a Ray worker's working directory is not the caller's
+    loaded = Catalog.load(str(tmp_path / "data" / "catalog.json"))
+    assert sorted(loaded.get("blobs").shard_urls) == sorted(entry.shard_urls)
+    assert loaded.content_hash() == Catalog.load(str(tmp_path / "data" / "catalog.json")).content_hash()

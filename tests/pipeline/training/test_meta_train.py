@@ -17,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.data import OPTIMIZER_FILE, STATE_FILE, build_procedural
 from pipeline.training import LocalContext, meta_train_worker, prepare_meta_train, run_meta_train
 from stamp_core import StampPruner, prepare_images
-from tests.pipeline.training._jobs import LOSS_PARTS, SOURCES, tiny_meta_config
+from tests.pipeline.training._jobs import LOSS_PARTS, SOURCES, ingest_sources, tiny_meta_config
 
 
 # ====================================================================== in-process (no Ray)
@@ -142,3 +142,29 @@ def test_two_workers_recover_from_a_killed_worker_then_resume_by_name(
     assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
     history = MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "loss")
     assert max(m.step for m in history) == 8
+
+
+@pytest.mark.integration
+def test_relative_paths_survive_the_trip_to_ray_workers(ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative catalog, shard and pretrained paths are pinned before anything reaches a Ray worker.
+
+    Ray's workers do not run in the caller's working directory (here: the one Ray started in); before
+    the fix a catalog ingested with ``--dest .stamp/bench/datasets`` failed there with
+    ``DataQualityError: ... samples unusable``.
+    """
+    from pipeline.data import save_backbone
+    from stamp_core import build_backbone
+
+    monkeypatch.chdir(tmp_path)
+    ingest_sources("data")  # a relative destination, as `stamp ingest --dest data` gives
+    raw = json.loads(Path("data/catalog.json").read_text())
+    shards = [s for e in raw["datasets"].values() for sp in e["splits"].values() for s in sp["shards"]]
+    assert shards and all(Path(s["url"]).is_absolute() for s in shards)  # new ingests pin their destination
+    for s in shards:  # a catalog written before that: URLs relative to where ingest ran
+        s["url"] = os.path.relpath(s["url"], tmp_path)
+    Path("data/catalog.json").write_text(json.dumps(raw))
+    save_backbone(Path("pre"), build_backbone("small_cnn", 4, width=8), {})
+    cfg = tiny_meta_config("data/catalog.json", run_name="relative", storage_path=str(tmp_path / "ray"), steps=2,
+                           pretrained="pre", validation={"every": 0})
+    result = run_meta_train(cfg)
+    assert (result.start_step, result.step) == (0, 2)
