@@ -40,7 +40,6 @@ import torch_pruning as tp
 
 from stamp_core.groups import ChannelGates, PrunableStructure
 from stamp_core.mask_generator import A_UC_INIT, B_UC_INIT, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.prune import recalibrate_batchnorm  # noqa: F401 - moved; the benchmark still imports it here
 from stamp_core.pruner import __version__, calibrate_masks, spec_from_kept
 from stamp_core.spec import PruneSpec
 
@@ -457,6 +456,3 @@ def _bbd(inp: ScoringInput) -> GroupScores:
     cfg = dataclasses.replace(inp.bbd or BBDConfig(), seed=inp.seed)
     return train_beta_bernoulli_dropout(inp.model, inp.structure, inp.x, inp.y, inp.macs_ratio, cfg).scores
 
-
-#: Criteria whose raw scores are normalised per group (kept for callers of select_spec).
-NORMALIZED_METHODS = tuple(n for n, c in _CRITERIA.items() if c.normalize)
