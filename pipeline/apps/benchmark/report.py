@@ -426,12 +426,7 @@ def plot_benchmark_accuracy_vs_macs(rows: list[dict[str, Any]]) -> Any:
                 continue
             style = {"linewidth": 2.5} if method == "stamp" else {"linestyle": ":"} if method.startswith(CROSS_PREFIX) else {}
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method_label(method), **style)
-        ax.set_xlabel("MACs ratio (pruned / full)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{target} / {backbone} / {weights} weights")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _finish_axis(ax, "MACs ratio (pruned / full)", f"{target} / {backbone} / {weights} weights")
     return fig
 
 
@@ -455,13 +450,17 @@ def plot_time_vs_accuracy(rows: list[dict[str, Any]]) -> Any:
                            linewidth=2.5 if m == "stamp" else 1, color=colours.get(m), label=label)[0]
             colours.setdefault(m, line.get_color())
         ax.set_xscale("log")
-        ax.set_xlabel("seconds from data in hand to deployable model")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{target} / {backbone} / {weights} (all budgets)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _finish_axis(ax, "seconds from data in hand to deployable model", f"{target} / {backbone} / {weights} (all budgets)")
     return fig
+
+
+def _finish_axis(ax: Any, xlabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
