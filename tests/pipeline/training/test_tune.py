@@ -24,7 +24,7 @@ def _tune_cfg(catalog_url: str, storage: str, **overrides: Any) -> TuneConfig:
         storage_path=storage,
         num_samples=2,
         max_concurrent_trials=2,
-        scheduler={"grace_period": 2},
+        scheduler={"grace_period": 4},  # = steps: ASHA never stops a trial early here (two trials can tie at step 2)
         search={"kl_weight": {"low": 1e-5, "high": 1e-3}, "macs_weight": {"low": 5.0, "high": 50.0},
                 "lr": {"low": 1e-4, "high": 1e-2}, "backbone_lr": None},
         meta_train=dict(
