@@ -203,8 +203,10 @@ class EpisodeSection(_Strict):
     query_size: int = Field(64, ge=1, le=100_000)
     #: (r_min, r_max) of the MACs budget drawn per episode.
     macs_ratio_range: tuple[float, float] = (0.1, 1.0)
-    #: episodes per epoch on every rank (only numbers epochs for the samplers' random streams).
+    #: optimiser steps per epoch on every rank (only numbers epochs for the samplers' random streams).
     steps_per_epoch: int = Field(100, ge=1)
+    #: episodes per optimiser step on every rank (a meta-batch); pruner.task_norm="batch" needs >= 2.
+    per_step: int = Field(2, ge=1, le=256)
 
     @field_validator("ways")
     @classmethod
@@ -247,6 +249,12 @@ class PrunerSection(_Strict):
     hidden_dim: int = Field(256, ge=4)
     prior_alpha: float = Field(1e-4, gt=0)
     temperature: float = Field(0.1, gt=0)
+    #: "l1": channel scores start at the pretrained weights' group L1 ranking (first mask = L1's);
+    #: "none": equal base posteriors (v1).
+    score_init: Literal["l1", "none"] = "l1"
+    #: "batch": task embeddings standardised across each meta-batch (v2); "running": v1's
+    #: running statistics of single tasks + LayerNorm.
+    task_norm: Literal["batch", "running"] = "batch"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "PrunerSection":
@@ -387,7 +395,7 @@ class MetaTrainConfig(_JobBase):
     pruner: PrunerSection = Field(default_factory=PrunerSection)
     episodes: EpisodeSection = Field(default_factory=EpisodeSection)
     optim: OptimSection = Field(default_factory=OptimSection)
-    #: total optimiser steps (each rank processes one episode per step).
+    #: total optimiser steps (each rank processes episodes.per_step episodes per step).
     steps: int = Field(200, ge=1)
     #: ray.train.report interval in steps (every worker reports; metrics are averaged over ranks).
     report_every: int = Field(10, ge=1)
@@ -422,6 +430,11 @@ class MetaTrainConfig(_JobBase):
         fi = self.fault_injection
         if fi is not None and fi.rank >= self.scaling.num_workers:
             raise ValueError(f"fault_injection.rank: rank {fi.rank} does not exist with {self.scaling.num_workers} worker(s)")
+        if self.pruner.task_norm == "batch" and self.episodes.per_step < 2:
+            raise ValueError(
+                f"episodes.per_step: {self.episodes.per_step} episode per step cannot be standardised against "
+                "others: use >= 2 with pruner.task_norm=batch, or pruner.task_norm=running (v1)"
+            )
         if self.episodes.max_support < self.episodes.ways[1]:
             raise ValueError(
                 f"episodes.max_support: {self.episodes.max_support} is below ways max ({self.episodes.ways[1]}): "

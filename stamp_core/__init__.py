@@ -7,7 +7,7 @@ from stamp_core.prune import PruneResult, build_task_model, default_finetune, pr
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.meta import Episode, MetaConfig, episode_loss, make_optimizer, meta_train_step, prototype_head
+from stamp_core.meta import Episode, MetaConfig, episode_loss, frozen_norm_statistics, make_optimizer, meta_batch_loss, meta_train_step, prototype_head, task_embedding
 from stamp_core.preprocess import prepare_images
 from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
@@ -19,7 +19,8 @@ __all__ = [
     "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
-    "Episode", "MetaConfig", "episode_loss", "make_optimizer", "meta_train_step", "prototype_head",
+    "Episode", "MetaConfig", "episode_loss", "frozen_norm_statistics", "make_optimizer", "meta_batch_loss", "meta_train_step",
+    "prototype_head", "task_embedding",
     "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
     "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError",
     "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "random_shift", "train_classifier",

@@ -36,9 +36,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch_pruning as tp
 
-from stamp_core.groups import ChannelGates, PrunableStructure
+from stamp_core.groups import ChannelGates, PrunableStructure, score_l1
 from stamp_core.mask_generator import A_UC_INIT, B_UC_INIT, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
 from stamp_core.pruner import __version__, calibrate_masks, spec_from_kept
 from stamp_core.spec import PruneSpec
@@ -106,32 +105,6 @@ def score_random(structure: PrunableStructure, seed: int) -> GroupScores:
     """Seeded uniform random scores (random channels, global threshold)."""
     gen = torch.Generator().manual_seed(int(seed))
     return [torch.rand(g.size, generator=gen, dtype=torch.float64) for g in structure.groups]
-
-
-def score_l1(model: nn.Module, structure: PrunableStructure) -> GroupScores:
-    """torch-pruning ``MagnitudeImportance(p=1)`` summed over each dependency group (no normaliser).
-
-    ``model`` must be the network ``structure`` was analysed from (same module names).
-    """
-    names = {m: n for n, m in model.named_modules()}
-    classifier = getattr(model, "classifier", None)
-    ignored = [classifier] if isinstance(classifier, nn.Module) else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *structure.input_shape))
-        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
-        found: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-                found[names[group[0].dep.target.module]] = importance(group).detach().double().cpu()
-    finally:
-        model.train(was_training)
-    missing = [g.name for g in structure.groups if g.name not in found]
-    if missing:
-        raise ValueError(f"model has no dependency group rooted at {missing[:3]}: pass the network the structure was built from")
-    return [found[g.name] for g in structure.groups]
 
 
 # ----------------------------------------------------------------------------- gradient saliencies

@@ -281,3 +281,29 @@ class ChannelGates:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def score_l1(model: nn.Module, structure: PrunableStructure) -> list[torch.Tensor]:
+    """torch-pruning ``MagnitudeImportance(p=1)`` summed over each dependency group (no normaliser).
+
+    ``model`` must be the network ``structure`` was analysed from (same module names).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    classifier = getattr(model, "classifier", None)
+    ignored = [classifier] if isinstance(classifier, nn.Module) else []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *structure.input_shape))
+        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="sum", normalizer=None)
+        found: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+                found[names[group[0].dep.target.module]] = importance(group).detach().double().cpu()
+    finally:
+        model.train(was_training)
+    missing = [g.name for g in structure.groups if g.name not in found]
+    if missing:
+        raise ValueError(f"model has no dependency group rooted at {missing[:3]}: pass the network the structure was built from")
+    return [found[g.name] for g in structure.groups]

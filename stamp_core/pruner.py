@@ -23,14 +23,15 @@ import torch
 import torch.nn as nn
 
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config
-from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure
-from stamp_core.mask_generator import MaskGenerator, kumaraswamy_mean
+from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure, score_l1
+from stamp_core.mask_generator import TASK_NORMS, MaskGenerator, kumaraswamy_mean
 from stamp_core.set_encoder import SetEncoder
 from stamp_core.spec import PruneSpec
 
 __version__ = "0.1.0"
 
 _CONFIG_FILE = "pruner.json"
+SCORE_INITS = ("l1", "none")
 _WEIGHTS_FILE = "pruner_state_dict.pt"
 
 
@@ -95,8 +96,20 @@ class PrunerConfig:
     temperature: float = 0.1  #: relaxed Bernoulli temperature during meta-training
     support_per_class: int = 20  #: images per class the encoder reads
     max_support: int = 400  #: cap on the encoder's set size
+    #: where channel scores start: "l1" = the pretrained weights' group L1 ranking plus a
+    #: zero-initialised task residual (the first mask is L1's); "none" = v1's equal base posteriors.
+    score_init: str = "l1"
+    #: "batch": task embeddings standardised across each meta-batch (v2, needs >= 2 episodes per
+    #: training step); "running": v1's running statistics of single tasks + LayerNorm.
+    task_norm: str = "batch"
     version: str = __version__
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.score_init not in SCORE_INITS:
+            raise ValueError(f"score_init={self.score_init!r}: expected one of {', '.join(SCORE_INITS)}")
+        if self.task_norm not in TASK_NORMS:
+            raise ValueError(f"task_norm={self.task_norm!r}: expected one of {', '.join(TASK_NORMS)}")
 
 
 class StampPruner(nn.Module):
@@ -116,7 +129,8 @@ class StampPruner(nn.Module):
         self.input_shape = (self.backbone.in_channels, config.image_size, config.image_size)
         self.structure: PrunableStructure = analyze_structure(self.backbone, self.input_shape)
         self.encoder = SetEncoder(self.backbone.feature_dim, config.embed_dim, config.num_heads, config.num_inducing)
-        self.generator = MaskGenerator([g.size for g in self.structure.groups], config.embed_dim, config.hidden_dim)
+        self.generator = MaskGenerator([g.size for g in self.structure.groups], config.embed_dim, config.hidden_dim,
+                                       zero_init_heads=config.score_init != "none", task_norm=config.task_norm)
         self.gates = ChannelGates(self.backbone, self.structure)
 
     @classmethod
@@ -134,7 +148,10 @@ class StampPruner(nn.Module):
         """
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, num_classes, **(backbone_kwargs or {}))
-        return cls(PrunerConfig(backbone=dict(backbone.config), image_size=image_size, **kwargs), backbone)
+        pruner = cls(PrunerConfig(backbone=dict(backbone.config), image_size=image_size, **kwargs), backbone)
+        if pruner.config.score_init == "l1":
+            pruner.generator.init_base_scores(score_l1(pruner.backbone, pruner.structure))
+        return pruner
 
     @property
     def group_names(self) -> list[str]:
@@ -297,6 +314,9 @@ class StampPruner(nn.Module):
         if not (d / _CONFIG_FILE).is_file() or not (d / _WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{d} is not a saved StampPruner: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
         cfg = json.loads((d / _CONFIG_FILE).read_text())
+        # Saved before v2: trained from equal base posteriors, single tasks standardised by running stats.
+        cfg.setdefault("score_init", "none")
+        cfg.setdefault("task_norm", "running")
         signature = cfg.pop("structure", None)
         pruner = cls(PrunerConfig(**cfg))
         if signature is not None and signature != pruner.structure.signature():

@@ -10,7 +10,7 @@ only the jobs share: ``driver`` (locations, scaling, fit) and ``tracking`` (MLfl
 """
 
 from pipeline.training.context import LocalContext, RayContext, WorkerContext, WorkerSetup
-from pipeline.training.distributed import allreduce_grads, broadcast_state, is_distributed, mean_over_ranks
+from pipeline.training.distributed import allreduce_grads, average_buffers, broadcast_state, is_distributed, mean_over_ranks
 from pipeline.training.meta_train import (
     MetaTrainResult,
     build_pruner,
@@ -34,7 +34,7 @@ from pipeline.training.validation import ValTask, build_val_tasks, log_run_plots
 
 __all__ = [
     "LocalContext", "RayContext", "WorkerContext", "WorkerSetup",
-    "allreduce_grads", "broadcast_state", "is_distributed", "mean_over_ranks",
+    "allreduce_grads", "average_buffers", "broadcast_state", "is_distributed", "mean_over_ranks",
     "MetaTrainResult", "build_pruner", "meta_train_worker", "prepare_meta_train", "run_meta_train",
     "PretrainResult", "label_space", "prepare_pretrain", "pretrain_worker", "run_pretrain",
     "OBJECTIVE", "TUNED_KEYS", "TrialSummary", "TuneResult", "pick_best", "register_best", "run_tune", "trial_config",

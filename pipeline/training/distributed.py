@@ -39,6 +39,25 @@ def allreduce_grads(pruner: StampPruner, world_size: int) -> None:
         offset += n
 
 
+def average_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Average every floating-point buffer over ranks in one collective (counters are left alone).
+
+    Buffers are not gradients: each rank updates its own from its own episodes (the task-norm
+    running statistics of the mask generator), and without this the ranks of one run would
+    checkpoint from rank 0 but keep generating with drifting statistics.
+    """
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
+        offset += b.numel()
+
+
 def broadcast_state(module: torch.nn.Module) -> None:
     """Make every rank start from rank 0's weights (and BatchNorm statistics)."""
     for t in module.state_dict().values():

@@ -51,7 +51,7 @@ from pipeline.data import (
     write_meta_checkpoint,
 )
 from pipeline.training.context import RayContext, WorkerContext, WorkerSetup, emit, peak_rss_mb, set_threads
-from pipeline.training.distributed import allreduce_grads, broadcast_state, is_distributed, mean_over_ranks
+from pipeline.training.distributed import allreduce_grads, average_buffers, broadcast_state, is_distributed, mean_over_ranks
 from pipeline.training.driver import fit, load_catalog, local_root, pin_locations, resolve_sources, s3_endpoint, scaling_config
 from pipeline.training.tracking import Tracker, start_mlflow_run
 from pipeline.training.validation import ValTask, build_val_tasks, log_run_plots, meta_validate
@@ -162,6 +162,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
 
     start_step = int(state["step"]) if state else 0
     steps_per_epoch = cfg.episodes.steps_per_epoch
+    per_step = cfg.episodes.per_step
     # A resumed run draws fresh data (a different seed), not a replay of the episodes before the crash.
     data_seed = cfg.seed if start_step == 0 else int(cfg.seed) * 1_000_003 + start_step
     mlflow_run_id = setup.mlflow_run_id or (state or {}).get("mlflow_run_id")
@@ -185,7 +186,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         rank=ctx.rank,
         world_size=ctx.world_size,
         seed=data_seed,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps_per_epoch * per_step,
         split=cfg.data.split,
         verify_sha256=cfg.data.verify_sha256,
         max_bad_fraction=cfg.data.max_bad_fraction,
@@ -199,7 +200,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                                              persistent_workers=True, prefetch_factor=2,
                                              pin_memory=device.type == "cuda")
     in_epoch = start_step % steps_per_epoch
-    episodes: Iterator[Any] = _episode_stream(source, steps_per_epoch - in_epoch if in_epoch else None)
+    episodes: Iterator[Any] = _episode_stream(source, (steps_per_epoch - in_epoch) * per_step if in_epoch else None)
 
     tracker = Tracker(setup.tracking_uri, mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
     val_tasks: list[ValTask] | None = None
@@ -227,7 +228,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
             "epoch": step // steps_per_epoch,
             "start_step": start_step,
             "world_size": ctx.world_size,
-            "episodes_per_s": agg["_steps"] / agg["_wall"] if agg["_wall"] > 0 else 0.0,
+            "episodes_per_s": agg["_steps"] * per_step / agg["_wall"] if agg["_wall"] > 0 else 0.0,
             "data_wait_fraction": agg["_wait_s"] / agg["_step_s"] if agg["_step_s"] > 0 else 0.0,
             "step_time_s": agg["_step_s"] / max(agg["_steps"], 1.0),
         })
@@ -275,9 +276,9 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            episode = next(episodes)
+            batch = [next(episodes).to(device) for _ in range(per_step)]
             t1 = time.perf_counter()
-            parts = meta_train_step(pruner, episode.to(device), optimizer, meta_cfg, grad_hook=grad_hook)
+            parts = meta_train_step(pruner, batch, optimizer, meta_cfg, grad_hook=grad_hook)
             step += 1
             wait_s += t1 - t0
             step_s += time.perf_counter() - t0
@@ -305,6 +306,7 @@ def _make_grad_hook(ctx: WorkerContext, clip: float) -> Callable[[StampPruner], 
     def hook(pruner: StampPruner) -> None:
         if distributed:
             allreduce_grads(pruner, ctx.world_size)
+            average_buffers(pruner, ctx.world_size)
         # Clip here with the configured norm; meta_train_step's own clip at 5.0 is then a no-op
         # whenever clip <= 5.
         torch.nn.utils.clip_grad_norm_(pruner.parameters(), clip)

@@ -88,3 +88,37 @@ def test_running_standardize_removes_what_all_tasks_share() -> None:
     assert out_a[0] == pytest.approx(1.0, abs=0.1) and out_b[0] == pytest.approx(-1.0, abs=0.1)
     assert torch.allclose(out_a[1:], torch.zeros(3), atol=1e-2)
     assert int(std.num_tasks) == 100
+
+
+def test_task_standardize_keeps_the_spread_between_tasks_whatever_its_size() -> None:
+    """A meta-batch is centred on its own mean and scaled by its own spread, gradient flowing: tasks
+    whose embeddings nearly coincide (v1's collapse) still reach the generator at unit spread."""
+    from stamp_core.mask_generator import TaskStandardize
+
+    torch.manual_seed(0)
+    shared, diff = torch.randn(16) * 50, torch.randn(4, 16)
+    norm = TaskStandardize(16)
+    outs = [norm(shared + eps * diff) for eps in (1.0, 1e-2)]  # 100x closer together
+    assert torch.allclose(outs[0], outs[1], atol=1e-2)
+    assert outs[0].pow(2).mean().item() == pytest.approx(1.0, abs=1e-3)
+    assert outs[0].mean(0).abs().max().item() < 1e-5
+    x = (shared + diff).requires_grad_(True)
+    norm(x)[0, 0].backward()  # the batch statistics are part of the graph
+    assert x.grad[1:].abs().sum() > 0
+    norm.eval()
+    before = norm.running_mean.clone()
+    single = norm(shared + diff[0])
+    assert torch.equal(norm.running_mean, before) and single.shape == (16,)
+
+
+def test_generator_takes_a_meta_batch() -> None:
+    torch.manual_seed(0)
+    gen = MaskGenerator([8, 16], embed_dim=32, task_norm="batch", zero_init_heads=False)
+    params = gen(torch.randn(3, 32), torch.tensor([0.2, 0.5, 0.9]))
+    assert [tuple(a.shape) for a, _ in params] == [(3, 8), (3, 16)]
+    assert not torch.allclose(params[0][0][0], params[0][0][1])
+    gen.eval()
+    (a, b), _ = gen(torch.randn(32), 0.5)
+    assert a.shape == b.shape == (8,)
+    with pytest.raises(ValueError, match="task_norm='layer': expected one of batch, running"):
+        MaskGenerator([8], embed_dim=32, task_norm="layer")

@@ -6,11 +6,18 @@ import pytest
 import torch
 
 from _tasks import jaccard_distance, make_episode, make_images
-from stamp_core import MetaConfig, StampPruner, TrainConfig, build_backbone, make_optimizer, meta_train_step, train_classifier
+from stamp_core import (MetaConfig, StampPruner, TrainConfig, build_backbone, make_optimizer, meta_batch_loss, meta_train_step,
+                        train_classifier)
 
 
 def _episode(seed: int = 0, ratio: float = 0.3):
     return make_episode("color", torch.Generator().manual_seed(seed), ways=4, shots=5, query=16, macs_ratio=ratio)
+
+
+def _batch(seed: int = 0, ratio: float = 0.3):
+    """A meta-batch of two tasks (task_norm="batch" standardises embeddings across it)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [make_episode(family, gen, ways=4, shots=5, query=16, macs_ratio=ratio) for family in ("color", "orientation")]
 
 
 @pytest.mark.parametrize("inner_steps", [0, 2])
@@ -18,7 +25,13 @@ def test_step_updates_encoder_generator_and_backbone(inner_steps: int) -> None:
     torch.manual_seed(0)
     pruner = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8})
     before = copy.deepcopy(pruner.state_dict())
-    parts = meta_train_step(pruner, _episode(), make_optimizer(pruner), MetaConfig(inner_steps=inner_steps))
+    opt = make_optimizer(pruner)
+    # The generator's heads start at zero (the first mask is L1's), so the first step moves only
+    # them and the base scores; from the second on the task path reaches the encoder.
+    first = meta_train_step(pruner, _batch(), opt, MetaConfig(inner_steps=inner_steps))
+    assert all(torch.equal(before[k], v) for k, v in pruner.state_dict().items() if k.startswith("encoder."))
+    assert first["loss"] > 0
+    parts = meta_train_step(pruner, _batch(1), opt, MetaConfig(inner_steps=inner_steps))
     assert set(parts) >= {"loss", "ce", "kl", "macs_penalty", "expected_macs_ratio", "accuracy"}
     assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
     assert parts["loss"] == pytest.approx(parts["ce"] + 1e-4 * parts["kl"] + 20.0 * parts["macs_penalty"], rel=1e-4)
@@ -38,14 +51,24 @@ def test_expected_macs_track_the_budget() -> None:
     pruner = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8})
     opt = make_optimizer(pruner, lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for i in range(60):
-        meta_train_step(pruner, make_episode("color", gen, ways=4, shots=5, query=16), opt, MetaConfig())
-    low = meta_train_step(pruner, _episode(1, 0.2), opt, MetaConfig(macs_weight=0.0, kl_weight=0.0))["expected_macs_ratio"]
-    high = meta_train_step(pruner, _episode(1, 0.9), opt, MetaConfig(macs_weight=0.0, kl_weight=0.0))["expected_macs_ratio"]
+    for i in range(30):
+        meta_train_step(pruner, [make_episode("color", gen, ways=4, shots=5, query=16) for _ in range(2)], opt, MetaConfig())
+    with torch.no_grad():
+        low = meta_batch_loss(pruner, _batch(1, 0.2), MetaConfig())[1]["expected_macs_ratio"]
+        high = meta_batch_loss(pruner, _batch(1, 0.9), MetaConfig())[1]["expected_macs_ratio"]
     assert high - low > 0.2, (low, high)
 
 
+def test_batch_task_norm_needs_a_meta_batch() -> None:
+    pruner = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8})
+    with pytest.raises(ValueError, match="got 1 episode.s., expected at least 2 .episodes.per_step"):
+        meta_train_step(pruner, _episode(), make_optimizer(pruner))
+    v1 = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8}, task_norm="running")
+    assert meta_train_step(v1, _episode(), make_optimizer(v1))["loss"] > 0
+
+
 EPISODES = 100
+META_BATCH = 4
 
 
 @pytest.mark.slow
@@ -70,8 +93,10 @@ def test_masks_adapt_to_the_task_family(seed: int, capsys) -> None:
     train_classifier(backbone, x, y, TrainConfig(epochs=3, batch_size=64, lr=0.05, augment=False))
     pruner = StampPruner.create(backbone)
     opt = make_optimizer(pruner, lr=1e-3, backbone_lr=1e-4)
-    for i in range(EPISODES):
-        meta_train_step(pruner, make_episode(["color", "orientation"][i % 2], gen), opt, MetaConfig())
+    families = ["color", "orientation"]
+    for i in range(0, EPISODES, META_BATCH):
+        batch = [make_episode(families[int(torch.randint(2, (), generator=gen))], gen) for _ in range(META_BATCH)]
+        meta_train_step(pruner, batch, opt, MetaConfig())
 
     def kept(family: str, sample_seed: int) -> dict[str, list[int]]:
         g = torch.Generator().manual_seed(sample_seed)
@@ -85,3 +110,18 @@ def test_masks_adapt_to_the_task_family(seed: int, capsys) -> None:
         print(f"\n[adaptivity seed {seed}] Jaccard distance across families {across:.3f}, within a task {within:.3f}")
     assert within <= 0.05
     assert across >= 0.2
+
+
+@pytest.mark.parametrize("inner_steps", [0, 2])
+def test_gated_passes_leave_norm_statistics_alone(inner_steps: int) -> None:
+    """Masked training passes must not move BatchNorm's running statistics: the encoder reads them
+    in eval mode and pruned nets inherit them (v1 let them drift 5x in 80 resnet20 episodes)."""
+    torch.manual_seed(0)
+    pruner = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8})
+    buffers = {k: v.clone() for k, v in pruner.backbone.named_buffers()}
+    momenta = [m.momentum for m in pruner.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    opt = make_optimizer(pruner)
+    for seed in range(3):
+        meta_train_step(pruner, _batch(seed), opt, MetaConfig(inner_steps=inner_steps))
+    assert buffers and all(torch.equal(v, buffers[k]) for k, v in pruner.backbone.named_buffers())
+    assert [m.momentum for m in pruner.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)] == momenta

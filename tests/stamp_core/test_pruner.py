@@ -159,3 +159,33 @@ def test_load_refuses_weights_of_another_version(tmp_path, pruners) -> None:
     torch.save(state, tmp_path / "p" / "pruner_state_dict.pt")
     with pytest.raises(ValueError, match=r"do not match this stamp_core .*missing \['generator.budget_shift.bias'\], unexpected \['generator.extra.weight'\]"):
         StampPruner.load(tmp_path / "p")
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet20"])
+def test_first_mask_is_the_l1_mask(task, name: str) -> None:
+    """A fresh pruner (score_init="l1") prunes exactly as group L1 with its global threshold does,
+    at every budget and for any task; v1's equal start ("none") does not."""
+    from stamp_core.baselines import score_l1, select_spec
+
+    torch.manual_seed(3)
+    pruner = StampPruner.create(name, 10)
+    v1 = StampPruner.create(pruner.backbone, score_init="none")
+    l1 = score_l1(pruner.backbone, pruner.structure)
+    for ratio in (0.5, 0.3, 0.1):
+        want = select_spec(l1, pruner.structure, pruner.backbone.config, ratio, normalize=True).kept
+        assert pruner.generate(*task, macs_ratio=ratio).kept == want
+        assert pruner.generate(task[0][:10].flip(0), task[1][:10], macs_ratio=ratio).kept == want
+        assert v1.generate(*task, macs_ratio=ratio).kept != want
+
+
+def test_score_init_is_validated_and_old_pruners_load_as_v1(tmp_path, task) -> None:
+    with pytest.raises(ValueError, match="score_init='bn'. expected one of l1, none"):
+        StampPruner.create("small_cnn", 10, score_init="bn")
+    pruner = StampPruner.create("small_cnn", 10, score_init="none")
+    pruner.save(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "pruner.json").read_text())
+    del cfg["score_init"]  # written before the field existed
+    (tmp_path / "p" / "pruner.json").write_text(json.dumps(cfg))
+    again = StampPruner.load(tmp_path / "p")
+    assert again.config.score_init == "none"
+    assert again.generate(*task, macs_ratio=0.3) == pruner.generate(*task, macs_ratio=0.3)
