@@ -236,6 +236,9 @@ class OptimSection(_Strict):
     head_scale: float = Field(10.0, gt=0)
     label_free_prob: float = Field(0.0, ge=0, le=1)
     budget_penalty: Literal["two_sided", "upper"] = "two_sided"
+    #: "relaxed" (v1): sampled soft masks + KL + budget penalty; "deployed" (v2): the calibrated
+    #: hard mask, inner_steps of fine-tuning on the support set, CE on the query batch.
+    objective: Literal["relaxed", "deployed"] = "relaxed"
     #: max global gradient norm (stamp_core's meta_train_step also clips at 5, hence the cap).
     grad_clip: float = Field(5.0, gt=0, le=5.0)
 

@@ -86,6 +86,11 @@ class PrunableStructure:
     def num_channels(self) -> int:
         return int(self.group_sizes.sum().item())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the cost model's tensors live (CPU unless a trainer moved them next to its gates)."""
+        return self._coeff.device
+
     def macs(self, kept: torch.Tensor) -> torch.Tensor:
         """MACs when group ``g`` keeps ``kept[g]`` channels (float, differentiable, any dtype)."""
         c_in, c_out = self._in_out(kept)

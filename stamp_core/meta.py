@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stamp_core.mask_generator import kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.pruner import StampPruner
+from stamp_core.pruner import StampPruner, calibrate_masks
 
 
 @dataclass
@@ -46,6 +46,9 @@ class Episode:
                        self.query_y.to(device), self.num_classes, self.macs_ratio, self.dataset, self.classes)
 
 
+OBJECTIVES = ("relaxed", "deployed")
+
+
 @dataclass
 class MetaConfig:
     """Loss weights and options of meta-training."""
@@ -60,10 +63,17 @@ class MetaConfig:
     #: training have the budget they will be calibrated to at test time; "upper" is the paper's
     #: relu(E[MACs]/full - r)^2, under which the KL term alone decides how far below r to go.
     budget_penalty: str = "two_sided"
+    #: "relaxed" (v1): CE of sampled relaxed-Bernoulli masks on the query batch + KL + budget penalty.
+    #: "deployed" (v2): the budget-calibrated hard mask that generate() would return, the pruned
+    #: net's prototype head fine-tuned for ``inner_steps`` on the support set, CE on the query
+    #: batch; gradients reach the scores straight through the hard gates.
+    objective: str = "relaxed"
 
     def __post_init__(self) -> None:
         if self.budget_penalty not in ("two_sided", "upper"):
             raise ValueError(f"budget_penalty={self.budget_penalty!r}: expected 'two_sided' or 'upper'")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
 
 
 @contextlib.contextmanager
@@ -137,6 +147,8 @@ def episode_loss(
     k = episode.num_classes
     if params is None:
         params = pruner.generator(task_embedding(pruner, episode, cfg), episode.macs_ratio)
+    if cfg.objective == "deployed":
+        return _deployed_loss(pruner, episode, cfg, params)
 
     net = pruner.backbone
     net.train()
@@ -169,6 +181,64 @@ def episode_loss(
         "accuracy": float((logits.argmax(1) == qy).float().mean()),
     }
     return loss, parts, (net if net is not pruner.backbone else None)
+
+
+def hard_gates(pruner: StampPruner, probs: Sequence[torch.Tensor], macs_ratio: float) -> list[torch.Tensor]:
+    """0/1 gates of the mask ``generate`` would return for these keep probabilities and budget."""
+    kept = calibrate_masks([p.detach().cpu() for p in probs], pruner.structure, macs_ratio)
+    gates = []
+    for p, idx in zip(probs, kept):
+        z = torch.zeros_like(p)
+        z[torch.as_tensor(idx, dtype=torch.long, device=p.device)] = 1.0
+        gates.append(z)
+    return gates
+
+
+def _deployed_loss(
+    pruner: StampPruner, episode: Episode, cfg: MetaConfig, params: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, dict[str, float], nn.Module | None]:
+    """Query CE of the deployed mask after a short fine-tune of the pruned net (first-order).
+
+    The forward pass uses exactly the calibrated hard mask (so the budget always holds and no MACs
+    penalty or KL is needed: the ranking is all the generator decides); the backward pass treats a
+    gate as ``pi``, so a channel's score moves by ``dCE/dz``, the first-order effect of keeping it,
+    which is informative for removed channels too (their activations are computed, then zeroed).
+    """
+    probs = [kumaraswamy_mean(a, b) for a, b in params]
+    hard = hard_gates(pruner, probs, episode.macs_ratio)
+    straight = [z + p - p.detach() for z, p in zip(hard, probs)]
+    net = pruner.backbone
+    net.train()
+    with frozen_norm_statistics(net):
+        with torch.no_grad(), pruner.gates.apply(hard):
+            head = prototype_head(net.features(episode.support_x), episode.support_y, episode.num_classes)
+        if cfg.inner_steps > 0:
+            net = copy.deepcopy(net)  # the gate hooks are shared functions, so the copy is gated too
+            head = head.clone().requires_grad_(True)
+            opt = torch.optim.SGD([*net.parameters(), head], lr=cfg.inner_lr, momentum=0.9)
+            for _ in range(cfg.inner_steps):
+                with pruner.gates.apply(hard):
+                    inner = F.cross_entropy(_cosine_logits(net.features(episode.support_x), head, cfg.head_scale),
+                                            episode.support_y)
+                opt.zero_grad()
+                inner.backward()
+                opt.step()
+            head = head.detach()
+        with pruner.gates.apply(straight):
+            logits = _cosine_logits(net.features(episode.query_x), head, cfg.head_scale)
+    ce = F.cross_entropy(logits, episode.query_y)
+    kept = torch.stack([z.sum() for z in hard])
+    ratio = pruner.structure.macs(kept.to(pruner.structure.device)).float() / pruner.structure.macs_full
+    parts = {
+        "loss": float(ce.detach()),
+        "ce": float(ce.detach()),
+        "kl": 0.0,
+        "macs_penalty": 0.0,
+        "expected_macs_ratio": float(ratio),
+        "target_macs_ratio": float(episode.macs_ratio),
+        "accuracy": float((logits.argmax(1) == episode.query_y).float().mean()),
+    }
+    return ce, parts, (net if net is not pruner.backbone else None)
 
 
 def meta_batch_loss(

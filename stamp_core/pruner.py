@@ -349,7 +349,7 @@ def _fill_budget(counts: np.ndarray, ranked_groups: np.ndarray, start: int, size
         if blocked[g] or taken[g] <= counts[g] or counts[g] >= sizes[g]:
             continue  # already kept (each group's first channel is always kept), full or blocked
         counts[g] += 1
-        macs = structure.macs(torch.from_numpy(counts)).item()
+        macs = structure.macs(torch.from_numpy(counts).to(structure.device)).item()
         if macs > budget:
             counts[g] -= 1
             # A group's next channel never gets cheaper (other groups only grow): skip g from now on.
@@ -387,7 +387,7 @@ def calibrate_masks(
         c = np.minimum(np.maximum(c, 1), size_arr)
         if round_to > 1:
             c = np.minimum(np.ceil(c / round_to) * round_to, size_arr)
-        return torch.from_numpy(c.astype(np.float64))
+        return torch.from_numpy(c.astype(np.float64)).to(structure.device)
 
     if structure.macs(counts_for(0)).item() > budget:
         floor = structure.macs(counts_for(0)).item() / structure.macs_full
@@ -402,7 +402,7 @@ def calibrate_masks(
             lo = mid
         else:
             hi = mid - 1
-    counts = counts_for(lo).numpy().copy()
+    counts = counts_for(lo).cpu().numpy().copy()
     if round_to == 1:
         counts = _fill_budget(counts, ranked_groups, lo, size_arr, structure, budget)
     counts = counts.astype(np.int64).tolist()

@@ -125,3 +125,31 @@ def test_gated_passes_leave_norm_statistics_alone(inner_steps: int) -> None:
         meta_train_step(pruner, _batch(seed), opt, MetaConfig(inner_steps=inner_steps))
     assert buffers and all(torch.equal(v, buffers[k]) for k, v in pruner.backbone.named_buffers())
     assert [m.momentum for m in pruner.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)] == momenta
+
+
+def test_deployed_objective_trains_the_mask_generate_returns() -> None:
+    """objective="deployed": the forward pass uses exactly generate()'s calibrated mask (budget met
+    without a penalty) and the scores still get gradients, straight through the hard gates."""
+    from stamp_core.meta import hard_gates
+
+    torch.manual_seed(0)
+    pruner = StampPruner.create("small_cnn", 4, backbone_kwargs={"width": 8})
+    ep = _episode(0, 0.3)
+    pruner.eval()
+    emb = pruner.embed(pruner.extract_features(ep.support_x), ep.support_y)
+    probs = pruner.keep_probabilities(emb, 0.3)
+    want = pruner.generate(ep.support_x, ep.support_y, macs_ratio=0.3, embedding=emb).kept
+    got = [torch.nonzero(z).flatten().tolist() for z in hard_gates(pruner, probs, 0.3)]
+    assert got == list(want.values())
+    pruner.train()
+    opt = make_optimizer(pruner)
+    before = copy.deepcopy(pruner.state_dict())
+    cfg = MetaConfig(objective="deployed", inner_steps=2)
+    for seed in range(2):
+        parts = meta_train_step(pruner, _batch(seed), opt, cfg)
+    assert 0.27 <= parts["expected_macs_ratio"] <= 0.3 and parts["kl"] == parts["macs_penalty"] == 0.0
+    after = pruner.state_dict()
+    for prefix in ("encoder.", "generator.heads.", "generator.a_uc.", "backbone.body.0."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    with pytest.raises(ValueError, match="objective='soft'. expected one of relaxed, deployed"):
+        MetaConfig(objective="soft")
