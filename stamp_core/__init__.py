@@ -11,7 +11,7 @@ from stamp_core.meta import Episode, MetaConfig, episode_loss, frozen_norm_stati
 from stamp_core.preprocess import prepare_images
 from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
-from stamp_core.spec import PruneSpec, SpecMismatchError
+from stamp_core.spec import PruneSpec, SpecMismatchError, jaccard_distance
 from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, random_shift, train_classifier
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "Episode", "MetaConfig", "episode_loss", "frozen_norm_statistics", "make_optimizer", "meta_batch_loss", "meta_train_step",
     "prototype_head", "task_embedding",
     "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
-    "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError",
+    "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError", "jaccard_distance",
     "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "random_shift", "train_classifier",
 ]

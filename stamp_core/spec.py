@@ -165,3 +165,12 @@ class PruneSpec:
     @classmethod
     def load(cls, path: str | Path) -> "PruneSpec":
         return cls.from_json(Path(path).read_text())
+
+
+def jaccard_distance(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
+    """1 - |A n B| / |A u B| over (group, channel) pairs kept by two masks of the same backbone
+    (``PruneSpec.kept``): 0 = the same channels, 1 = disjoint."""
+    sa = {(g, i) for g, idx in a.items() for i in idx}
+    sb = {(g, i) for g, idx in b.items() for i in idx}
+    union = sa | sb
+    return 1.0 - len(sa & sb) / len(union) if union else 0.0

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import MetaTrainConfig
 from pipeline.data import load_split_arrays
 from pipeline.training.context import WorkerSetup
-from stamp_core import PruneSpec, StampPruner, TrainConfig, prepare_images, prune_for_task
+from stamp_core import PruneSpec, StampPruner, TrainConfig, jaccard_distance, prepare_images, prune_for_task
 
 
 @dataclass
@@ -121,7 +121,44 @@ def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfi
         "val_accuracy_before_finetune": float(np.mean(accs0)),
         "val_macs_ratio": float(np.mean([s.macs_pruned / s.macs_full for s in specs])),
         "val_macs_ratio_target": vc.macs_ratio,
+        **adaptivity_diagnostics(pruner, tasks, vc.macs_ratio, specs),
         "val_seconds": time.perf_counter() - t0,
+    }
+
+
+@torch.no_grad()
+def adaptivity_diagnostics(pruner: StampPruner, tasks: list[ValTask], macs_ratio: float,
+                           specs: list[PruneSpec]) -> dict[str, float]:
+    """Is the set encoder telling tasks apart? (issue 16: v1 collapsed within tens of steps)
+
+    * ``val_embedding_min_cosine``: the smallest cosine between two held-out tasks' embeddings
+      (1.0 = every task looks the same to the generator);
+    * ``val_jaccard_vs_mean``: mean Jaccard distance between each task's mask and the mask of the
+      tasks' mean embedding at ``macs_ratio`` (0 = the set encoder changes nothing);
+    * ``val_jaccard_between_tasks``: mean Jaccard distance between two tasks' masks.
+    """
+    if len(tasks) < 2:
+        return {}
+    was_training = pruner.training
+    pruner.eval()
+    try:
+        model = pruner if next(pruner.parameters()).device.type == "cpu" else _cpu_copy(pruner)
+        embeddings = []
+        for task in tasks:
+            idx = model.select_support(task.y_train, len(task.x_train))
+            embeddings.append(model.embed(model.extract_features(task.x_train[idx]), task.y_train[idx]))
+        e = torch.nn.functional.normalize(torch.stack(embeddings), dim=1)
+        cos = e @ e.T
+        off = ~torch.eye(len(tasks), dtype=torch.bool)
+        mean_spec = model.generate(tasks[0].x_train[:1], None, macs_ratio=macs_ratio,
+                                   embedding=torch.stack(embeddings).mean(0))
+    finally:
+        pruner.train(was_training)
+    pairs = [jaccard_distance(a.kept, b.kept) for i, a in enumerate(specs) for b in specs[i + 1:]]
+    return {
+        "val_embedding_min_cosine": float(cos[off].min()),
+        "val_jaccard_vs_mean": float(np.mean([jaccard_distance(s.kept, mean_spec.kept) for s in specs])),
+        "val_jaccard_between_tasks": float(np.mean(pairs)),
     }
 
 
@@ -155,7 +192,8 @@ def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[Val
     figures["plots/accuracy_vs_macs.png"] = plot_accuracy_vs_macs(
         {f"STAMP, {len(tasks)} held-out tasks, {vc.finetune_epochs} fine-tune epoch(s)": curve},
         title="Meta-validation accuracy vs MACs")
-    keys = ["ce", "accuracy", "expected_macs_ratio", "macs_gap", "data_wait_fraction", "val_accuracy"]
+    keys = ["ce", "accuracy", "expected_macs_ratio", "macs_gap", "data_wait_fraction", "val_accuracy",
+            "val_embedding_min_cosine", "val_jaccard_vs_mean"]
     history: dict[int, dict[str, float]] = {}
     for key in keys:
         for m in client.get_metric_history(run_id, key):

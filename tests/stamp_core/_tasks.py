@@ -43,9 +43,3 @@ def make_episode(family: str, gen: torch.Generator, ways: int = 6, shots: int = 
     qy = torch.randint(0, ways, (query,), generator=gen)
     r = float(0.2 + 0.7 * torch.rand((), generator=gen)) if macs_ratio is None else macs_ratio
     return Episode(make_images(family, classes[sy], gen), sy, make_images(family, classes[qy], gen), qy, ways, r, family, classes.tolist())
-
-
-def jaccard_distance(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
-    sa = {(g, i) for g, idx in a.items() for i in idx}
-    sb = {(g, i) for g, idx in b.items() for i in idx}
-    return 1.0 - len(sa & sb) / len(sa | sb)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from _tasks import jaccard_distance, make_episode, make_images
-from stamp_core import (MetaConfig, StampPruner, TrainConfig, build_backbone, make_optimizer, meta_batch_loss, meta_train_step,
+from _tasks import make_episode, make_images
+from stamp_core import (MetaConfig, jaccard_distance, StampPruner, TrainConfig, build_backbone, make_optimizer, meta_batch_loss, meta_train_step,
                         train_classifier)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import BenchmarkConfig
+from stamp_core import jaccard_distance
 
 RESULTS_CSV = "results.csv"
 MASKS_JSONL = "masks.jsonl"
@@ -243,9 +244,3 @@ def read_masks(path: Path) -> dict[str, tuple[str, dict[str, list[int]]]]:
     return masks
 
 
-def jaccard_distance(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
-    """1 - |A n B| / |A u B| over (group, channel) pairs kept by two masks of the same backbone."""
-    sa = {(g, i) for g, idx in a.items() for i in idx}
-    sb = {(g, i) for g, idx in b.items() for i in idx}
-    union = sa | sb
-    return 1.0 - len(sa & sb) / len(union) if union else 0.0

@@ -41,3 +41,23 @@ def test_curve_ratios_are_validated(local_catalog: str) -> None:
 
     with pytest.raises(ValidationError, match=r"curve_ratios \[1.5\] outside \(0, 1\]"):
         tiny_meta_config(local_catalog, validation={"curve_ratios": [0.3, 1.5]})
+
+
+def test_adaptivity_diagnostics_tell_a_task_blind_pruner_from_a_task_sensitive_one(local_catalog: str) -> None:
+    """A fresh L1-start pruner (zero task residual) gives every task the mean-embedding mask: both
+    Jaccard diagnostics are exactly 0; v1's default-scale heads already map tasks to other masks."""
+    from pipeline.training.validation import adaptivity_diagnostics, meta_validate
+    from stamp_core import StampPruner
+
+    cfg, setup, _ = prepare_meta_train(tiny_meta_config(local_catalog))
+    tasks = build_val_tasks(cfg, setup)
+    assert len(tasks) >= 2
+    torch.manual_seed(0)
+    blind = build_pruner(cfg)
+    metrics = meta_validate(blind, tasks, cfg)
+    assert metrics["val_jaccard_vs_mean"] == 0.0 and metrics["val_jaccard_between_tasks"] == 0.0
+    assert -1.0 <= metrics["val_embedding_min_cosine"] < 1.0
+    sensitive = StampPruner.create(blind.backbone, image_size=cfg.data.image_size, score_init="none")
+    specs = [sensitive.generate(t.x_train, t.y_train, macs_ratio=0.3) for t in tasks]
+    found = adaptivity_diagnostics(sensitive, tasks, 0.3, specs)
+    assert found["val_jaccard_vs_mean"] > 0.0 and found["val_jaccard_between_tasks"] > 0.0
