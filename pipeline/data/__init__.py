@@ -4,7 +4,9 @@ Data flows through the modules in this order::
 
     sources   (digits, npz, image folders, torchvision, procedural) -> ArrayDataset
     ingest    ArrayDataset -> WebDataset shards + a catalog entry     (s3: S3 or a local directory)
-    catalog   catalog.json: datasets, splits, shards, sha256
+    catalog   datasets, splits, shards, sha256: one entry object per dataset + an index (catalog.json);
+              catalog_store writes entries safely while other ingests run
+    suites    declarative source suites: many derived datasets (class subsets, transforms) from a few bases
     streams   shards -> Sample streams, split over ranks and DataLoader workers
     episodes  Sample streams -> meta-training Episodes (+ a background Prefetcher)
 
@@ -22,9 +24,12 @@ from pipeline.data.catalog import (
     ShardInfo,
     SplitInfo,
     catalog_url_for,
+    entries_prefix,
+    entry_url,
     validate_name,
     validate_shard_url,
 )
+from pipeline.data.catalog_store import compact, delete_entry, load_entry, put_entry
 from pipeline.data.checkpoints import (
     BACKBONE_CONFIG_FILE,
     BACKBONE_WEIGHTS_FILE,
@@ -89,7 +94,7 @@ from pipeline.data.streams import (
 __all__ = [
     "s3", "ObjectNotFoundError", "absolute_location", "StorageError",
     "CATALOG_FILENAME", "SCHEMA_VERSION", "Catalog", "CatalogEntry", "ShardInfo", "SplitInfo", "catalog_url_for", "validate_name",
-    "validate_shard_url",
+    "validate_shard_url", "entries_prefix", "entry_url", "compact", "delete_entry", "load_entry", "put_entry",
     "BACKBONE_CONFIG_FILE", "BACKBONE_WEIGHTS_FILE", "CHECKPOINT_PREFIX", "OPTIMIZER_FILE", "PRUNER_CONFIG_FILE",
     "STATE_FILE", "checkpoint_to_local", "download_prefix", "latest_run_checkpoint", "load_backbone_dir",
     "load_pretrained_backbone", "read_checkpoint_state", "save_backbone", "storage_filesystem", "write_json_atomic",
