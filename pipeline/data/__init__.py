@@ -78,6 +78,18 @@ from pipeline.data.sources import (
     load_torchvision,
     select_classes,
 )
+from pipeline.data.suite_ingest import SuiteIngestError, SuiteReport, ingest_suite
+from pipeline.data.suites import (
+    HELD_OUT_TARGETS,
+    DatasetSpec,
+    HeldOutTargetError,
+    Suite,
+    SuiteError,
+    build_dataset,
+    check_held_out,
+    load_suite,
+)
+from pipeline.data.transforms import TRANSFORMS, TRANSFORMS_VERSION, TransformParamError, apply_transform
 from pipeline.data.streams import (
     STAT_KEYS,
     DataQualityError,
@@ -104,6 +116,9 @@ __all__ = [
     "GLYPH_CLASSES", "IMAGE_EXTENSIONS", "PROCEDURAL_DATASETS", "SHAPE_NAMES", "TEXTURE_NAMES", "ArrayDataset",
     "ProceduralBuilder", "build_procedural", "import_torchvision_datasets", "load_digits_dataset",
     "load_image_folder", "load_npz", "load_source", "load_torchvision", "select_classes",
+    "SuiteIngestError", "SuiteReport", "ingest_suite", "HELD_OUT_TARGETS", "DatasetSpec", "HeldOutTargetError", "Suite",
+    "SuiteError", "build_dataset", "check_held_out", "load_suite", "TRANSFORMS", "TRANSFORMS_VERSION",
+    "TransformParamError", "apply_transform",
     "STAT_KEYS", "DataQualityError", "Sample", "SampleStream", "ShardAssignment", "assign_shards",
     "dataloader_worker", "iter_samples", "load_split_arrays", "new_stats",
 ]
