@@ -57,14 +57,15 @@ class HeldOutTarget:
     label: str
     kind: str | None = None  #: spec kind that matches (``digits``, ``procedural``)
     procedural: str | None = None  #: procedural family name that matches
-    class_names: tuple[str, ...] | None = None  #: a base with exactly these class names matches
+    class_names: tuple[str, ...] | None = None  #: a base whose class names are all among these matches
     classes: frozenset[str] | None = None  #: held-out class names within a matching base
 
     def conflict(self, kind: str, family: str, base_class_names: tuple[str, ...], chosen: tuple[str, ...]) -> list[str]:
         """The chosen class names that are this target (empty when none)."""
         matches = (
             (self.kind is not None and kind == self.kind and (self.procedural is None or family == self.procedural))
-            or (self.class_names is not None and base_class_names == self.class_names)
+            # A subset counts too: a base spec may already select classes (npz:...?classes=5,6).
+            or (self.class_names is not None and set(base_class_names) <= set(self.class_names))
         )
         if not matches:
             return []

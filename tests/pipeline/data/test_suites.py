@@ -157,6 +157,8 @@ HELD_OUT = [
      "base 'fashion' ({fashion}) with classes Shirt is Fashion-MNIST classes 6-9 (a benchmark target)"),
     ("fashion, all classes", "", "- base: fashion\n  variants: [[invert]]\n", "datasets[0].base",
      "base 'fashion' ({fashion}) with classes Shirt, Sneaker, Bag, Ankle boot is Fashion-MNIST classes 6-9 (a benchmark target)"),
+    ("fashion 6 selected in the base spec", "bases_extra: {fs: 'npz:{fashion}?classes=5,6'}", "- base: fs\n  classes: [1]\n",
+     "datasets[0].classes", "base 'fs' ({fashion}?classes=5,6) with classes Shirt is Fashion-MNIST classes 6-9"),
     ("glyphs", "bases_extra: {gl: 'procedural:glyphs?n=2'}", "- base: gl\n  classes: [3]\n", "datasets[0].base",
      "base 'gl' (procedural:glyphs?n=2) with classes glyph3 is procedural glyphs (the held-out procedural family)"),
 ]
@@ -167,7 +169,7 @@ def test_held_out_targets_never_enter_a_suite(tmp_path: Path, bases: dict[str, P
                                                field: str, problem: str) -> None:
     path = _suite(tmp_path, bases, items)
     if extra:  # one more base, defined in the bases section
-        key, value = extra.split(": ", 1)[1].strip("{}").split(": ", 1)
+        key, value = extra.split(": ", 1)[1].strip("{}").replace("{fashion}", str(bases["fashion"])).split(": ", 1)
         path.write_text(path.read_text().replace("bases:\n", f"bases:\n  {key}: {value}\n"))
     with pytest.raises(HeldOutTargetError) as info:
         load_suite(path)
