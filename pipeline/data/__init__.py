@@ -48,7 +48,7 @@ from pipeline.data.checkpoints import (
     write_json_atomic,
     write_meta_checkpoint,
 )
-from pipeline.data.episodes import EpisodeSampler, Prefetcher
+from pipeline.data.episodes import WEIGHTINGS, EpisodeSampler, Prefetcher, dataset_weights
 from pipeline.data.ingest import (
     DEFAULT_SHARD_SIZE,
     SHARD_NAME_RE,
@@ -111,7 +111,7 @@ __all__ = [
     "STATE_FILE", "checkpoint_to_local", "download_prefix", "latest_run_checkpoint", "load_backbone_dir",
     "load_pretrained_backbone", "read_checkpoint_state", "save_backbone", "storage_filesystem", "write_json_atomic",
     "write_meta_checkpoint",
-    "EpisodeSampler", "Prefetcher",
+    "EpisodeSampler", "Prefetcher", "WEIGHTINGS", "dataset_weights",
     "DEFAULT_SHARD_SIZE", "SHARD_NAME_RE", "ShardHook", "encode_png", "ingest_dataset", "ingest_source", "remove_dataset", "shard_name", "write_shard",
     "GLYPH_CLASSES", "IMAGE_EXTENSIONS", "PROCEDURAL_DATASETS", "SHAPE_NAMES", "TEXTURE_NAMES", "ArrayDataset",
     "ProceduralBuilder", "build_procedural", "import_torchvision_datasets", "load_digits_dataset",
