@@ -30,19 +30,38 @@ def put_entry(catalog_url: str, entry: CatalogEntry, *, endpoint_url: str | None
 def load_entry(catalog_url: str, name: str, *, endpoint_url: str | None = None) -> CatalogEntry | None:
     """The entry of dataset ``name``, or None when the catalog does not hold it.
 
-    One GET of its entry object; only when that is absent is the index consulted (an entry written
-    by older code lives there alone).
+    One GET of its entry object; only when that is absent is the index read, for an entry that older
+    code wrote there alone (one with a recorded version had its object deleted: it is gone). Only
+    that entry is validated and nothing is listed, so ingesting many new datasets stays linear.
     """
     url = entry_url(catalog_url, name)
     try:
         raw = s3.get_bytes(url, endpoint_url=endpoint_url).decode("utf-8")
     except s3.ObjectNotFoundError:
-        return Catalog.load(catalog_url, endpoint_url=endpoint_url).datasets.get(name)
+        try:
+            index = _json(s3.get_bytes(catalog_url, endpoint_url=endpoint_url).decode("utf-8"), f"catalog {catalog_url}")
+        except s3.ObjectNotFoundError:
+            return None
+        legacy = index.get("datasets", {}).get(name) if isinstance(index.get("datasets"), dict) else None
+        if legacy is None or name in (index.get("entry_versions") or {}):
+            return None
+        entry = CatalogEntry.from_dict(legacy, where=f"catalog {catalog_url}: datasets.{name}")
+        if not s3.is_s3_url(catalog_url):  # the same pinning Catalog.load applies to older local catalogs
+            pinned = Catalog(datasets={name: entry})
+            pinned._pin_local_shards(s3.local_path(catalog_url).expanduser().resolve().parent)
+            entry = pinned.datasets[name]
+        return entry
+    return CatalogEntry.from_dict(_json(raw, f"catalog entry {url}"), where=f"catalog entry {url}")
+
+
+def _json(text: str, where: str) -> dict:
     try:
-        data = json.loads(raw)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"catalog entry {url} is not valid JSON: {exc}") from None
-    return CatalogEntry.from_dict(data, where=f"catalog entry {url}")
+        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def delete_entry(catalog_url: str, name: str, *, endpoint_url: str | None = None) -> CatalogEntry | None:

@@ -230,31 +230,40 @@ def test_ingest_is_idempotent_and_records_lineage(tmp_path: Path, bases: dict[st
     assert Catalog.load(f"{dest}/catalog.json").get("stripes-blur_2").splits["train"].samples == 16
 
 
+def _pairs_suite(path: Path, family: str, variant: str) -> Path:
+    """28 class pairs x 2 variants = 56 tiny datasets: ingest time is mostly catalog writes, so two such
+    ingests running together keep writing the catalog at the same moments."""
+    pairs = [[a, b] for a in range(8) for b in range(a + 1, 8)]
+    path.write_text(textwrap.dedent(f"""\
+        suite: {family}-pairs
+        defaults: {{train: 2, test: 0}}
+        bases: {{{family}: 'procedural:{family}?n=1&test=0'}}
+        datasets:
+          - base: {family}
+            subsets: {pairs}
+            variants: [[], [{variant}]]
+        """))
+    return path
+
+
 @pytest.mark.integration
-def test_two_concurrent_suite_ingests_keep_every_entry(tmp_path: Path, bases: dict[str, Path], seaweedfs: object, s3_bucket: str) -> None:
+def test_two_concurrent_suite_ingests_keep_every_entry(tmp_path: Path, seaweedfs: object, s3_bucket: str) -> None:
     """Two real `stamp ingest --suite` processes against SeaweedFS at the same time (3 writers: one with
-    2 worker processes, one in-process). With a read-modify-write of one catalog document this loses
-    entries (checked by hand); with entry objects it cannot."""
-    one = _suite(tmp_path, bases, GOOD, "one.yaml")
-    two = _suite(tmp_path, bases, """\
-        - base: digits10
-          subsets: [[3, 4], [5, 6], [0, 9]]
-          variants: [[flip], [{affine: {shift: 0.2}}]]
-        - base: stripes
-          subsets: [[0, 1], [2, 3]]
-        """, "two.yaml")
+    2 worker processes, one in-process), 112 datasets. Checked by hand: with a read-modify-write of one
+    catalog document instead of entry objects, this loses entries."""
+    one = _pairs_suite(tmp_path / "one.yaml", "stripes", "invert")
+    two = _pairs_suite(tmp_path / "two.yaml", "blobs", "flip")
     dest = f"s3://{s3_bucket}/data"
-    cmd = [sys.executable, "-m", "pipeline.apps.cli", "ingest", "--dest", dest, "--shard-size", "10"]
+    cmd = [sys.executable, "-m", "pipeline.apps.cli", "ingest", "--dest", dest]
     procs = [subprocess.Popen([*cmd, "--jobs", jobs, "--suite", str(p)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for p, jobs in ((one, "2"), (two, "1"))]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     expected = sorted(d.name for p in (one, two) for d in load_suite(p).datasets)
-    assert len(expected) == 8 + 8
+    assert len(expected) == 2 * 56
     catalog = Catalog.load(f"{dest}/catalog.json")
     assert catalog.names() == expected
-    for name in expected:  # every entry points at shards that exist
-        assert all(s3.exists(u) for u in catalog.get(name).shard_urls)
-    assert "suite t: 8 datasets (8 ingested, 0 already there)" in outputs[0].replace("\n", " ")
-    rerun = runner.invoke(app, ["ingest", "--suite", str(two), "--dest", dest, "--shard-size", "10"])
-    assert rerun.exit_code == 0 and "(0 ingested, 8 already there)" in rerun.output.replace("\n", " ")
+    assert all(s3.exists(u) for name in expected for u in catalog.get(name).shard_urls)  # every entry is complete
+    assert "suite stripes-pairs: 56 datasets (56 ingested, 0 already there)" in outputs[0].replace("\n", " ")
+    rerun = runner.invoke(app, ["ingest", "--suite", str(two), "--dest", dest])
+    assert rerun.exit_code == 0 and "(0 ingested, 56 already there)" in rerun.output.replace("\n", " ")
