@@ -181,10 +181,15 @@ def load_suite(path: str | Path) -> Suite:
     unknown = set(doc) - {"suite", "defaults", "bases", "datasets"}
     if unknown:
         raise SuiteError(where, "-", sorted(unknown)[0], "unknown key; expected suite, defaults, bases, datasets")
-    defaults = _mapping(doc.get("defaults") or {}, where, "-", "defaults")
-    for key in set(defaults) - {"train", "test", "seed"}:
-        raise SuiteError(where, "-", f"defaults.{key}", "unknown key; expected train, test, seed")
-    bases_raw = _mapping(doc.get("bases"), where, "-", "bases")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise SuiteError(where, "-", "defaults", f"expected a mapping of train, test, seed; got {defaults!r}")
+    unknown_defaults = sorted(set(defaults) - {"train", "test", "seed"})
+    if unknown_defaults:
+        raise SuiteError(where, "-", f"defaults.{unknown_defaults[0]}", "unknown key; expected train, test, seed")
+    bases_raw = doc.get("bases")
+    if not isinstance(bases_raw, dict) or not bases_raw:
+        raise SuiteError(where, "-", "bases", f"expected a non-empty mapping of base name -> source spec; got {bases_raw!r}")
     bases = {name: _load_base(where, name, spec) for name, spec in bases_raw.items()}
     items = doc.get("datasets")
     if not isinstance(items, list) or not items:
@@ -201,12 +206,6 @@ def load_suite(path: str | Path) -> Suite:
     suite = Suite(path=where, name=str(doc.get("suite") or path.stem), bases=bases, datasets=tuple(specs))
     check_held_out(suite)
     return suite
-
-
-def _mapping(value: Any, where: str, dataset: str, field_path: str) -> dict[str, Any]:
-    if not isinstance(value, dict) or not value and field_path == "bases":
-        raise SuiteError(where, dataset, field_path, f"expected a mapping, got {value!r}")
-    return value
 
 
 def _load_base(where: str, name: Any, spec: Any) -> BaseInfo:
