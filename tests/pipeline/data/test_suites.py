@@ -267,3 +267,14 @@ def test_two_concurrent_suite_ingests_keep_every_entry(tmp_path: Path, seaweedfs
     assert "suite stripes-pairs: 56 datasets (56 ingested, 0 already there)" in outputs[0].replace("\n", " ")
     rerun = runner.invoke(app, ["ingest", "--suite", str(two), "--dest", dest])
     assert rerun.exit_code == 0 and "(0 ingested, 56 already there)" in rerun.output.replace("\n", " ")
+
+
+def test_explicit_names_and_missing_base_files(tmp_path: Path, bases: dict[str, Path]) -> None:
+    named = load_suite(_suite(tmp_path, bases, "- base: digits10\n  classes: [1, 2]\n  variants: [[invert]]\n  name: my-digits\n"))
+    assert [d.name for d in named.datasets] == ["my-digits"] and named.datasets[0].recipe.startswith("digits10[1,2] | invert()")
+    path = _suite(tmp_path, bases, "- base: digits10\n  subsets: [[1], [2]]\n  name: my-digits\n")
+    with pytest.raises(SuiteError, match=r"field datasets\[0\]\.name: an item that expands to several datasets cannot take one name"):
+        load_suite(path)
+    path.write_text(path.read_text().replace(str(bases["fashion"]), "no/such/fashion.npz"))
+    with pytest.raises(SuiteError, match=r"suite\.yaml: dataset -: field bases\.fashion: npz file 'no/such/fashion\.npz' not found"):
+        load_suite(path)
