@@ -100,8 +100,11 @@ class DataConfig(_Strict):
     catalog_url: str | None = None
     #: catalog dataset names to train on, or "all" for every dataset in the catalog.
     sources: Union[Literal["all"], list[str]] = "all"
-    #: relative sampling weight per source (missing ones weigh 1).
+    #: relative sampling weight per source (missing ones weigh 1), applied on top of ``weighting``.
     weights: dict[str, float] = Field(default_factory=dict)
+    #: how each episode's dataset is drawn: every dataset equally ("uniform"), by its number of images
+    #: ("size"), or every suite base equally ("base": many variants of MNIST do not crowd out the rest).
+    weighting: Literal["uniform", "size", "base"] = "uniform"
     #: split the job trains on.
     split: str = "train"
     #: side of the square inputs (>= 28: the deepest backbones pool five times).

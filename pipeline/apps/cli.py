@@ -44,6 +44,7 @@ LAZY_ERROR_TYPES = (
     ("pipeline.apps.prune", "PruneError"),
     ("pipeline.data", "DataQualityError"),
     ("pipeline.apps.benchmark", "BenchmarkError"),
+    ("pipeline.data", "SuiteIngestError"),
 )
 
 
@@ -128,37 +129,62 @@ def stack_status() -> None:
 @app.command()
 @_friendly
 def ingest(
-    sources: list[str] = typer.Argument(..., help="procedural:NAME | digits | npz:PATH | folder:PATH | torchvision:CLASS:ROOT"),
+    sources: Optional[list[str]] = typer.Argument(None, help="procedural:NAME | digits | npz:PATH | folder:PATH | torchvision:CLASS:ROOT"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="A source suite YAML (jobs/configs/sources/): ingest all its datasets."),
     name: Optional[str] = typer.Option(None, help="Dataset name (one source only); default from the source."),
     dest: Optional[str] = typer.Option(None, help="s3://bucket/prefix or a local directory; default from settings."),
     shard_size: int = typer.Option(5000, min=1, help="Samples per shard."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Worker processes for --suite."),
 ) -> None:
-    """Write datasets as WebDataset shards and record them in catalog.json."""
+    """Write datasets as WebDataset shards and record them in the catalog (idempotent)."""
+    if suite is not None:
+        if sources or name:
+            raise ValueError("--suite ingests the datasets of the suite file: give no SOURCE and no --name with it")
+        from pipeline.data import ingest_suite, load_suite
+
+        spec = load_suite(suite)  # every check runs before anything is built or written
+        target = dest or _settings.get_settings().datasets_url
+        report = ingest_suite(spec, target, jobs=jobs, shard_size=shard_size, progress=True)
+        out.print(report.summary())
+        return
+    if not sources:
+        raise ValueError("nothing to ingest: give SOURCE... or --suite FILE")
     from pipeline.data import ingest_source
 
     if name and len(sources) > 1:
         raise ValueError("--name applies to a single source; ingest several sources without --name")
     target = dest or _settings.get_settings().datasets_url
-    for spec in sources:
-        entry = ingest_source(spec, target, name=name, shard_size=shard_size)
+    for spec_text in sources:
+        entry = ingest_source(spec_text, target, name=name, shard_size=shard_size)
         samples = sum(s.samples for s in entry.splits.values())
         out.print(f"{entry.name}: {entry.num_classes} classes, {samples} samples -> {target}/{entry.name}/")
 
 
 @datasets_app.command("list")
 @_friendly
-def datasets_list(catalog: Optional[str] = typer.Option(None, help="Catalog URL; default from settings.")) -> None:
-    """Datasets in the catalog."""
+def datasets_list(
+    catalog: Optional[str] = typer.Option(None, help="Catalog URL; default from settings."),
+    base: Optional[str] = typer.Option(None, help="Only datasets derived from this suite base (e.g. mnist)."),
+    recipe: Optional[str] = typer.Option(None, help="Only datasets whose recipe contains this text (e.g. rotate)."),
+    limit: int = typer.Option(50, min=1, help="Rows per page."),
+    page: int = typer.Option(1, min=1, help="Page number (1 = first)."),
+) -> None:
+    """Datasets in the catalog, a page at a time, filterable by base or recipe."""
     from pipeline.data import Catalog
 
     cat = Catalog.load(catalog or _settings.get_settings().catalog_url, missing_ok=True)
-    table = Table("dataset", "classes", "image", "splits", "shards")
-    for n in cat.names():
-        e = cat.get(n)
-        table.add_row(n, str(e.num_classes), "x".join(map(str, e.image_shape)),
+    found = cat.find(base=base, recipe=recipe)
+    first = (page - 1) * limit
+    table = Table("dataset", "base", "classes", "image", "splits", "shards", "recipe")
+    table.columns[0].no_wrap = True  # names are what one copies into a config: never folded
+    for e in found[first : first + limit]:
+        table.add_row(e.name, e.base or "-", str(e.num_classes), "x".join(map(str, e.image_shape)),
                       ", ".join(f"{k}={v.samples}" for k, v in e.splits.items()),
-                      str(sum(len(v.shards) for v in e.splits.values())))
+                      str(sum(len(v.shards) for v in e.splits.values())), e.recipe or e.source)
     out.print(table)
+    shown = f"{first + 1}-{min(first + limit, len(found))}" if first < len(found) else "none"
+    pages = max(1, -(-len(found) // limit))
+    out.print(f"datasets {shown} of {len(found)} (page {page} of {pages}; {len(cat.datasets)} in the catalog)")
 
 
 @datasets_app.command("remove")

@@ -23,10 +23,45 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from pipeline.data.catalog import Catalog
+from pipeline.data.catalog import Catalog, CatalogEntry
 from pipeline.data.streams import Sample, SampleStream, dataloader_worker, new_stats
 from stamp_core import Episode
 from stamp_core.preprocess import prepare_images
+
+
+#: How the dataset of each episode is drawn: every dataset equally, in proportion to its size (images
+#: in the split), or every base equally (a base's mass shared by the datasets derived from it; a
+#: dataset without a recorded base is its own base).
+WEIGHTINGS = ("uniform", "size", "base")
+
+
+def dataset_weights(
+    entries: dict[str, CatalogEntry], weighting: str = "uniform", split: str = "train", weights: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Sampling probability per dataset: the ``weighting`` scheme times any explicit per-dataset ``weights``.
+
+    Raises:
+        ValueError: unknown weighting, or weights that name no sampled dataset, are negative,
+            infinite or all zero.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of: {', '.join(WEIGHTINGS)}")
+    names = list(entries)
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"weights name datasets not being sampled: {unknown} (sampling {names})")
+    if weighting == "size":
+        scheme = [float(entries[n].split(split).samples) for n in names]
+    elif weighting == "base":
+        bases = [entries[n].base or n for n in names]
+        scheme = [1.0 / bases.count(b) for b in bases]
+    else:
+        scheme = [1.0] * len(names)
+    w = np.array(scheme) * np.array([float(weights.get(n, 1.0)) for n in names])
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {dict(zip(names, w.tolist()))}")
+    return dict(zip(names, (w / w.sum()).tolist()))
 
 
 class _ClassBuffer:
@@ -99,7 +134,8 @@ class EpisodeSampler(IterableDataset):
     Args:
         catalog_url: the catalog (ignored when ``catalog`` is given).
         datasets: datasets to draw from; None means every dataset in the catalog.
-        weights: relative sampling weight per dataset (missing ones weigh 1).
+        weights: relative sampling weight per dataset (missing ones weigh 1), times ``weighting``.
+        weighting: ``uniform`` (default), ``size`` or ``base``: see :data:`WEIGHTINGS`.
         image_size: side of the square tensors :func:`prepare_images` produces.
         ways: (min, max) classes per episode; max is capped by each dataset's class count.
         support_per_class: support images per class, before the ``max_support`` cap.
@@ -142,6 +178,7 @@ class EpisodeSampler(IterableDataset):
         max_bad_fraction: float = 0.1,
         endpoint_url: str | None = None,
         catalog: Catalog | None = None,
+        weighting: str = "uniform",
     ) -> None:
         super().__init__()
         lo, hi = int(ways[0]), int(ways[1])
@@ -171,15 +208,9 @@ class EpisodeSampler(IterableDataset):
             entry.split(split)
             if entry.num_classes < lo:
                 raise ValueError(f"dataset {n!r} has {entry.num_classes} classes, fewer than ways min {lo}")
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(names))
-        if unknown:
-            raise ValueError(f"weights name datasets not being sampled: {unknown} (sampling {names})")
-        w = np.array([float(weights.get(n, 1.0)) for n in names])
-        if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {dict(zip(names, w.tolist()))}")
+        probs = dataset_weights(self.entries, weighting, split, weights)
         self.names = names
-        self.probs = w / w.sum()
+        self.probs = np.array([probs[n] for n in names])
         self.image_size = image_size
         self.ways = (lo, hi)
         self.support_per_class = support_per_class

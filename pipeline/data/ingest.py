@@ -10,8 +10,10 @@ operations makes ingest safe to interrupt and to repeat:
 3. Before the first shard that the *current* catalog entry references is overwritten with
    different bytes, that entry is withdrawn from the catalog: readers never see an entry whose
    shards are half replaced.
-4. The catalog is written last (atomically), then stale shards left by an earlier, larger ingest of
-   the same dataset are deleted.
+4. The dataset's catalog entry object is written last (atomically; see
+   :mod:`pipeline.data.catalog_store`, which is what makes concurrent ingests safe), the index is
+   rewritten (unless the caller batches that), then stale shards left by an earlier, larger ingest
+   of the same dataset are deleted.
 
 An interrupted ingest therefore leaves either the previous complete entry or no entry, never one
 pointing at missing or partial shards, and re-running it completes the job.
@@ -52,6 +54,8 @@ from pipeline.data.catalog import (
     utc_now,
     validate_name,
 )
+from pipeline.data.catalog_store import compact as compact_catalog
+from pipeline.data.catalog_store import delete_entry, load_entry, put_entry
 from pipeline.data.sources import ArrayDataset, load_source
 
 log = logging.getLogger(__name__)
@@ -137,10 +141,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _withdraw_entry(catalog_url: str, name: str, endpoint_url: str | None) -> None:
-    catalog = Catalog.load(catalog_url, endpoint_url=endpoint_url)
-    if name in catalog:
-        catalog.remove(name)
-        catalog.save(catalog_url, endpoint_url=endpoint_url)
+    if delete_entry(catalog_url, name, endpoint_url=endpoint_url) is not None:
         log.info("withdrew catalog entry %s before overwriting its shards", name)
 
 
@@ -153,6 +154,8 @@ def ingest_dataset(
     *,
     endpoint_url: str | None = None,
     on_shard: ShardHook | None = None,
+    lineage: dict[str, str] | None = None,
+    compact: bool = True,
 ) -> CatalogEntry:
     """Write ds as tar shards under ``<dest>/<ds.name>/`` and record it in the catalog (last).
 
@@ -164,6 +167,9 @@ def ingest_dataset(
         progress: show a progress bar with samples/s.
         endpoint_url: S3 endpoint (default from the environment).
         on_shard: hook called after each shard is in place (see :data:`ShardHook`).
+        lineage: ``base``, ``recipe``, ``fingerprint`` of a derived dataset, stored in its entry.
+        compact: rewrite the catalog index afterwards; a batch of ingests passes False and calls
+            :func:`pipeline.data.catalog_store.compact` once at the end.
 
     Returns:
         The catalog entry, identical (``created_at`` included) when the same data was already ingested.
@@ -178,7 +184,7 @@ def ingest_dataset(
     dest = s3.absolute_location(dest)  # shard URLs in the catalog must mean the same place on every node
     catalog_url = s3.absolute_location(catalog_url or catalog_url_for(dest))
     prefix = s3.join_url(dest, ds.name)
-    previous = Catalog.load(catalog_url, endpoint_url=endpoint_url).datasets.get(ds.name)
+    previous = load_entry(catalog_url, ds.name, endpoint_url=endpoint_url)
     previous_urls = set(previous.shard_urls) if previous is not None else set()
     withdrawn = False
     splits: dict[str, SplitInfo] = {}
@@ -216,14 +222,15 @@ def ingest_dataset(
         splits=splits,
         created_at=utc_now(),
         source=ds.source,
+        **(lineage or {}),
     )
-    # Re-read: another ingest may have added other datasets while we uploaded.
-    catalog = Catalog.load(catalog_url, endpoint_url=endpoint_url)
-    current = catalog.datasets.get(ds.name)
+    current = load_entry(catalog_url, ds.name, endpoint_url=endpoint_url)
     if current is not None and current.same_content(entry):
         entry = replace(entry, created_at=current.created_at)
-    catalog.add(entry)
-    catalog.save(catalog_url, endpoint_url=endpoint_url)
+    if current is None or current != entry:
+        put_entry(catalog_url, entry, endpoint_url=endpoint_url)
+    if compact:
+        compact_catalog(catalog_url, endpoint_url=endpoint_url)
     _delete_stale(prefix, set(entry.shard_urls), endpoint_url)
     return entry
 
@@ -266,9 +273,11 @@ def remove_dataset(
         KeyError: the dataset is not in the catalog (the message lists the known ones).
     """
     validate_name(name)
-    catalog = Catalog.load(catalog_url, endpoint_url=endpoint_url)
-    entry = catalog.remove(name)
-    catalog.save(catalog_url, endpoint_url=endpoint_url)
+    entry = delete_entry(catalog_url, name, endpoint_url=endpoint_url)
+    if entry is None:
+        Catalog.load(catalog_url, endpoint_url=endpoint_url).get(name)  # raises the KeyError listing the known ones
+    assert entry is not None
+    compact_catalog(catalog_url, endpoint_url=endpoint_url)
     if delete_shards:
         for url in entry.shard_urls:
             s3.delete(url, endpoint_url=endpoint_url)

@@ -76,6 +76,9 @@ class ObjectInfo:
     url: str
     size: int
     metadata: dict[str, str] = field(default_factory=dict)
+    #: A version token that changes whenever the object is rewritten: the S3 ETag, or size and
+    #: mtime in nanoseconds for a local file (written through temp + rename, so every write is new).
+    etag: str = ""
 
 
 # --------------------------------------------------------------------------------------- URLs
@@ -523,6 +526,40 @@ def list_urls(prefix_url: str, *, endpoint_url: str | None = None) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - translated below
         _raise_s3(exc, prefix_url, client, "list")
     return sorted(urls)
+
+
+def list_objects(prefix_url: str, *, endpoint_url: str | None = None) -> list[ObjectInfo]:
+    """Every object under a prefix (recursive) with its size and version token (:attr:`ObjectInfo.etag`),
+    sorted by URL; one LIST request per 1,000 objects on S3. A missing local directory lists as empty.
+    Local dot-files (temp files of an atomic write in progress) are left out."""
+    if not is_s3_url(prefix_url):
+        root = local_path(prefix_url)
+        if not root.is_dir():
+            return []
+        found = []
+        for p in sorted(root.rglob("*")):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # replaced or removed while listing
+                continue
+            if p.is_file() and not p.name.startswith("."):
+                found.append(ObjectInfo(str(p), st.st_size, {}, f"{st.st_size}-{st.st_mtime_ns}"))
+        return found
+    client = make_s3_client(endpoint_url)
+    bucket, prefix = parse_s3_url(prefix_url)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    infos: list[ObjectInfo] = []
+    try:
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            infos.extend(
+                ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj.get("Size", 0)), {}, str(obj.get("ETag", "")).strip('"'))
+                for obj in page.get("Contents", [])
+            )
+    except Exception as exc:  # noqa: BLE001 - translated below
+        _raise_s3(exc, prefix_url, client, "list")
+    return sorted(infos, key=lambda i: i.url)
 
 
 def open_read(url: str, *, endpoint_url: str | None = None) -> BinaryIO:

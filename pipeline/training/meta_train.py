@@ -177,6 +177,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         setup.catalog_url,
         datasets=list(cfg.data.sources),
         weights=cfg.data.weights or None,
+        weighting=cfg.data.weighting,
         image_size=cfg.data.image_size,
         ways=cfg.episodes.ways,
         support_per_class=cfg.episodes.support_per_class,

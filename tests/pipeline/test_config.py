@@ -178,3 +178,10 @@ def test_job_entrypoint_fails_fast_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "optim.lr: Input should be greater than 0" in proc.stderr
     assert time.perf_counter() - t0 < 60
+
+
+def test_episode_weighting_is_one_of_the_known_schemes() -> None:
+    assert MetaTrainConfig(backbone="small_cnn").data.weighting == "uniform"
+    assert MetaTrainConfig(backbone="small_cnn", data={"weighting": "base"}).data.weighting == "base"
+    with pytest.raises(ValueError, match="weighting"):
+        MetaTrainConfig(backbone="small_cnn", data={"weighting": "popular"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import tarfile
@@ -21,6 +22,7 @@ from pipeline.data import (
     SampleStream,
     assign_shards,
     build_procedural,
+    dataset_weights,
     encode_png,
     ingest_dataset,
     iter_samples,
@@ -331,6 +333,29 @@ def test_dataset_weights(tmp_path: Path) -> None:
         EpisodeSampler(catalog_url, weights={"stripes": 0.0, "blobs": 0.0})
     with pytest.raises(KeyError, match=r"dataset 'nope' is not in the catalog \(known: blobs, stripes\)"):
         EpisodeSampler(catalog_url, datasets=["nope"])
+
+
+def test_weighting_uniform_by_size_or_by_base(tmp_path: Path) -> None:
+    """Two variants of base "a" (sizes 80 and 160 train images) and one dataset of base "b" (80)."""
+    dest = str(tmp_path / "data")
+    for name, gen, n, base in (("a1", "stripes", 10, "a"), ("a2", "blobs", 20, "a"), ("b1", "shapes", 10, "b")):
+        ds = dataclasses.replace(build_procedural(gen, n_per_class=n, seed=0, n_test_per_class=0), name=name)
+        ingest_dataset(ds, dest, shard_size=200, progress=False, lineage={"base": base, "recipe": f"{base} | x", "fingerprint": ""})
+    catalog_url = f"{dest}/catalog.json"
+    entries = Catalog.load(catalog_url).datasets
+    assert dataset_weights(entries, "uniform") == pytest.approx({"a1": 1 / 3, "a2": 1 / 3, "b1": 1 / 3})
+    assert dataset_weights(entries, "size") == pytest.approx({"a1": 0.25, "a2": 0.5, "b1": 0.25})
+    assert dataset_weights(entries, "base") == pytest.approx({"a1": 0.25, "a2": 0.25, "b1": 0.5})
+    # Explicit weights multiply the scheme; a dataset without a recorded base is its own base.
+    assert dataset_weights(entries, "base", weights={"a2": 0.0}) == pytest.approx({"a1": 1 / 3, "a2": 0.0, "b1": 2 / 3})
+    plain = {**entries, "c": dataclasses.replace(entries["b1"], name="c", splits={}, base="")}
+    assert dataset_weights(plain, "base")["c"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="unknown weighting 'popular'; expected one of: uniform, size, base"):
+        dataset_weights(entries, "popular")
+    sampler = EpisodeSampler(catalog_url, weighting="base", ways=(2, 2), support_per_class=2, query_size=4, steps_per_epoch=120)
+    drawn = [e.dataset for e in sampler]
+    assert 0.35 < drawn.count("b1") / len(drawn) < 0.65  # ~0.5; uniform would give ~0.33
+    assert sampler.probs.tolist() == pytest.approx([0.25, 0.25, 0.5])
 
 
 def test_dataloader_workers_keep_exact_step_count(tmp_path: Path) -> None:
