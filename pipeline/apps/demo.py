@@ -52,11 +52,13 @@ class DemoPreset:
     validation_tasks: int = 4
 
 
+# Steps are meta-batches of episodes.per_step (default 2) episodes: 120 steps read about the 250 episodes
+# the demo read when a step was one episode, so its time stays where it was.
 PRESETS = {
     "full": DemoPreset("full", n_per_class=250, test_per_class=50, sources=("digits", "stripes", "blobs", "shapes", "textures"),
-                       width=32, pretrain_epochs=3, meta_steps=250, tune_steps=60, tune_trials=2, finetune_epochs=3),
+                       width=32, pretrain_epochs=3, meta_steps=120, tune_steps=30, tune_trials=2, finetune_epochs=3),
     "quick": DemoPreset("quick", n_per_class=80, test_per_class=20, sources=("digits", "stripes", "shapes"),
-                        width=16, pretrain_epochs=1, meta_steps=20, tune_steps=10, tune_trials=2, finetune_epochs=1,
+                        width=16, pretrain_epochs=1, meta_steps=10, tune_steps=6, tune_trials=2, finetune_epochs=1,
                         validation_tasks=2),
 }
 
