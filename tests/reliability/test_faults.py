@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from pipeline.apps.cli import app
 from pipeline.apps.prune import OutputDirError, load_pruned, prune_dataset
 from pipeline.config import MetaTrainConfig, PretrainConfig, TuneConfig
-from pipeline.data import ArrayDataset, Catalog, build_procedural, ingest_dataset, iter_samples, load_split_arrays, s3
+from pipeline.data import ArrayDataset, Catalog, build_procedural, ingest_dataset, entry_url, iter_samples, load_split_arrays, s3
 from pipeline.registry import RegistryError, load_pruner
 from pipeline.stack import MlflowServer, procs
 from stamp_core import StampPruner, prepare_images
@@ -62,10 +62,12 @@ class _SendCounter:
 
 
 def _assert_storage_consistent(dest: str, catalog_url: str) -> Catalog:
-    """Every catalogued shard exists with its sha256; nothing else (partial, stale) is under dest."""
+    """Every catalogued shard exists with its sha256; nothing else (partial, stale) is under dest:
+    the index, one entry object per catalogued dataset, their shards."""
     catalog = Catalog.load(catalog_url, missing_ok=False)
     listed: set[str] = {catalog_url}
     for name in catalog.names():
+        listed.add(entry_url(catalog_url, name))
         for split in catalog.get(name).splits.values():
             for shard in split.shards:
                 data = s3.get_bytes(shard.url)
