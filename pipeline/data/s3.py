@@ -514,18 +514,23 @@ def list_urls(prefix_url: str, *, endpoint_url: str | None = None) -> list[str]:
         if not root.is_dir():
             return []
         return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    return sorted(f"s3://{bucket}/{obj['Key']}" for bucket, obj in _list_s3(prefix_url, endpoint_url))
+
+
+def _list_s3(prefix_url: str, endpoint_url: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(bucket, object record)`` for every object under an s3:// prefix, page by page."""
     client = make_s3_client(endpoint_url)
     bucket, prefix = parse_s3_url(prefix_url)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    urls: list[str] = []
+    found: list[tuple[str, dict[str, Any]]] = []
     try:
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            urls.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+            found.extend((bucket, obj) for obj in page.get("Contents", []))
     except Exception as exc:  # noqa: BLE001 - translated below
         _raise_s3(exc, prefix_url, client, "list")
-    return sorted(urls)
+    return found
 
 
 def list_objects(prefix_url: str, *, endpoint_url: str | None = None) -> list[ObjectInfo]:
@@ -545,20 +550,8 @@ def list_objects(prefix_url: str, *, endpoint_url: str | None = None) -> list[Ob
             if p.is_file() and not p.name.startswith("."):
                 found.append(ObjectInfo(str(p), st.st_size, {}, f"{st.st_size}-{st.st_mtime_ns}"))
         return found
-    client = make_s3_client(endpoint_url)
-    bucket, prefix = parse_s3_url(prefix_url)
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    infos: list[ObjectInfo] = []
-    try:
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            infos.extend(
-                ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj.get("Size", 0)), {}, str(obj.get("ETag", "")).strip('"'))
-                for obj in page.get("Contents", [])
-            )
-    except Exception as exc:  # noqa: BLE001 - translated below
-        _raise_s3(exc, prefix_url, client, "list")
+    infos = [ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj.get("Size", 0)), {}, str(obj.get("ETag", "")).strip('"'))
+             for bucket, obj in _list_s3(prefix_url, endpoint_url)]
     return sorted(infos, key=lambda i: i.url)
 
 
