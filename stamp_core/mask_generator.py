@@ -224,9 +224,11 @@ class MaskGenerator(nn.Module):
             return self.embed_std(embedding)
         return self.embed_norm(self.embed_center(embedding))
 
-    def forward(self, embedding: torch.Tensor, macs_ratio: float | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, embedding: torch.Tensor, macs_ratio: float | torch.Tensor,
+                channel_stats: Sequence[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Kumaraswamy ``(a, b)`` per group: ``(C,)`` each for one ``(D,)`` embedding and a scalar
-        budget, ``(B, C)`` for a meta-batch of ``(B, D)`` embeddings and ``B`` budgets."""
+        budget, ``(B, C)`` for a meta-batch of ``(B, D)`` embeddings and ``B`` budgets.
+        ``channel_stats`` is ignored: this (faithful) generator reads the set embedding only."""
         single = embedding.ndim == 1
         e = embedding.reshape(1, -1) if single else embedding
         r = torch.as_tensor(macs_ratio, dtype=e.dtype, device=e.device).reshape(-1, 1).expand(e.shape[0], 1)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stamp_core.channel_generator import TaskSummary
 from stamp_core.mask_generator import kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
 from stamp_core.pruner import StampPruner, calibrate_masks
 
@@ -121,11 +122,10 @@ def sample_gates(pruner: StampPruner, params: list[tuple[torch.Tensor, torch.Ten
     return [relaxed_bernoulli(kumaraswamy_sample(a.expand(n, -1), b.expand(n, -1)), temperature) for a, b in params]
 
 
-def task_embedding(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> torch.Tensor:
-    """The set encoder's embedding of the episode's support set (label-free with ``label_free_prob``)."""
-    feats = pruner.extract_features(episode.support_x)
+def task_summary(pruner: StampPruner, episode: Episode, cfg: MetaConfig) -> TaskSummary:
+    """What the generator reads of the episode's support set (label-free with ``label_free_prob``)."""
     use_labels = cfg.label_free_prob <= 0 or torch.rand(()) >= cfg.label_free_prob
-    return pruner.embed(feats, episode.support_y if use_labels else None)
+    return pruner.summarize(episode.support_x, episode.support_y if use_labels else None)
 
 
 def episode_loss(
@@ -146,7 +146,8 @@ def episode_loss(
     """
     k = episode.num_classes
     if params is None:
-        params = pruner.generator(task_embedding(pruner, episode, cfg), episode.macs_ratio)
+        summary = task_summary(pruner, episode, cfg)
+        params = pruner.generator(summary.embedding, episode.macs_ratio, summary.channel_stats)
     if cfg.objective == "deployed":
         return _deployed_loss(pruner, episode, cfg, params)
 
@@ -256,10 +257,10 @@ def meta_batch_loss(
             f"task_norm='batch' standardises task embeddings across a meta-batch: got {len(episodes)} "
             "episode(s), expected at least 2 (episodes.per_step in the meta-train config)"
         )
-    embeddings = torch.stack([task_embedding(pruner, ep, cfg) for ep in episodes])
-    ratios = torch.tensor([ep.macs_ratio for ep in episodes], dtype=embeddings.dtype, device=embeddings.device)
-    batch_params = pruner.generator(embeddings, ratios)
-    total = torch.zeros((), device=embeddings.device)
+    batch = TaskSummary.stack([task_summary(pruner, ep, cfg) for ep in episodes])
+    ratios = torch.tensor([ep.macs_ratio for ep in episodes], dtype=batch.embedding.dtype, device=batch.embedding.device)
+    batch_params = pruner.generator(batch.embedding, ratios, batch.channel_stats)
+    total = torch.zeros((), device=batch.embedding.device)
     sums: dict[str, float] = {}
     adapted = []
     for i, ep in enumerate(episodes):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from stamp_core.channel_generator import TaskSummary
 from stamp_core.backbones import Backbone, build_backbone_from_config
 from stamp_core.pruner import StampPruner
 from stamp_core.spec import PruneSpec
@@ -184,7 +185,7 @@ def prune_for_task(
     finetune: TrainConfig | None = None,
     round_to: int = 1,
     use_labels: bool = True,
-    embedding: torch.Tensor | None = None,
+    embedding: TaskSummary | torch.Tensor | None = None,
     recalibrate_bn: bool = True,
 ) -> PruneResult:
     """STAMP's mask for the task ``(x_train, y_train)``, then :func:`prune_and_finetune` on the pruner's weights.
@@ -197,7 +198,7 @@ def prune_for_task(
         finetune: fine-tune settings; ``epochs=0`` keeps the prototype head only.
         round_to: channel multiple per group.
         use_labels: give labels to the set encoder (two-level pooling).
-        embedding: task embedding override (the mean-embedding ablation).
+        embedding: task summary override (the mean-embedding ablation).
         recalibrate_bn: recompute BatchNorm statistics on the task's training images.
     """
     x_train, y_train = pruner.check_images(x_train, y_train)

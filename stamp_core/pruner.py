@@ -21,8 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config
+from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_statistics
 from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure, score_l1
 from stamp_core.mask_generator import TASK_NORMS, MaskGenerator, kumaraswamy_mean
 from stamp_core.set_encoder import SetEncoder
@@ -32,6 +34,9 @@ __version__ = "0.1.0"
 
 _CONFIG_FILE = "pruner.json"
 SCORE_INITS = ("l1", "none")
+#: "faithful": the paper's generator, per-layer heads on the set embedding; "channel": one scorer
+#: shared across channels reads each channel's response statistics too (stamp_core.channel_generator).
+GENERATORS = ("faithful", "channel")
 _WEIGHTS_FILE = "pruner_state_dict.pt"
 
 
@@ -102,6 +107,9 @@ class PrunerConfig:
     #: "batch": task embeddings standardised across each meta-batch (v2, needs >= 2 episodes per
     #: training step); "running": v1's running statistics of single tasks + LayerNorm.
     task_norm: str = "batch"
+    #: "faithful" (set embedding -> per-layer heads) or "channel" (per-channel statistics of the
+    #: task's sample + a scorer shared across channels and layers); see GENERATORS.
+    generator: str = "faithful"
     version: str = __version__
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -110,6 +118,8 @@ class PrunerConfig:
             raise ValueError(f"score_init={self.score_init!r}: expected one of {', '.join(SCORE_INITS)}")
         if self.task_norm not in TASK_NORMS:
             raise ValueError(f"task_norm={self.task_norm!r}: expected one of {', '.join(TASK_NORMS)}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator={self.generator!r}: expected one of {', '.join(GENERATORS)}")
 
 
 class StampPruner(nn.Module):
@@ -129,8 +139,13 @@ class StampPruner(nn.Module):
         self.input_shape = (self.backbone.in_channels, config.image_size, config.image_size)
         self.structure: PrunableStructure = analyze_structure(self.backbone, self.input_shape)
         self.encoder = SetEncoder(self.backbone.feature_dim, config.embed_dim, config.num_heads, config.num_inducing)
-        self.generator = MaskGenerator([g.size for g in self.structure.groups], config.embed_dim, config.hidden_dim,
-                                       zero_init_heads=config.score_init != "none", task_norm=config.task_norm)
+        sizes = [g.size for g in self.structure.groups]
+        if config.generator == "channel":
+            self.generator: MaskGenerator = ChannelMaskGenerator(
+                sizes, _channel_costs(self.structure), config.embed_dim, config.hidden_dim, task_norm=config.task_norm)
+        else:
+            self.generator = MaskGenerator(sizes, config.embed_dim, config.hidden_dim,
+                                           zero_init_heads=config.score_init != "none", task_norm=config.task_norm)
         self.gates = ChannelGates(self.backbone, self.structure)
 
     @classmethod
@@ -210,23 +225,74 @@ class StampPruner(nn.Module):
         return torch.cat(picked)[:cap].sort().values
 
     # ------------------------------------------------------------------ forward pieces
+    @property
+    def reads_channels(self) -> bool:
+        """Whether the generator reads per-channel statistics (``generator: channel``)."""
+        return self.config.generator == "channel"
+
     @torch.no_grad()
-    def extract_features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Pooled penultimate features of the ungated backbone in eval mode."""
+    def extract_features(
+        self, images: torch.Tensor, batch_size: int = 256, channel_responses: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pooled penultimate features of the ungated backbone in eval mode.
+
+        With ``channel_responses`` also each group's spatially pooled post-ReLU response ``(N, C)``
+        from the same pass (averaged over the group's gated modules, e.g. the convs of a residual
+        stage that share its channels).
+        """
         was_training = self.backbone.training
         self.backbone.eval()
+        recorded: list[list[torch.Tensor]] = [[] for _ in self.structure.groups]
+        handles = []
+        if channel_responses:
+            for gi, group in enumerate(self.structure.groups):
+                for name in group.gate_modules:
+                    handles.append(self.backbone.get_submodule(name).register_forward_hook(_response_recorder(recorded[gi])))
         try:
             with self.gates.apply(None):
-                return torch.cat([self.backbone.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+                feats = torch.cat([self.backbone.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
         finally:
+            for h in handles:
+                h.remove()
             self.backbone.train(was_training)
+        if not channel_responses:
+            return feats
+        per_group = []
+        for group, chunks in zip(self.structure.groups, recorded):
+            per_module = len(group.gate_modules)
+            # chunks arrive batch by batch, one per gated module: average modules, then join batches
+            batches = [torch.stack(chunks[i:i + per_module]).mean(0) for i in range(0, len(chunks), per_module)]
+            per_group.append(torch.cat(batches))
+        return feats, per_group
 
     def embed(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.encoder(features, labels)
 
-    def keep_probabilities(self, embedding: torch.Tensor, macs_ratio: float) -> list[torch.Tensor]:
+    def summarize(self, images: torch.Tensor, labels: torch.Tensor | None) -> TaskSummary:
+        """What the generator reads of a task: the set embedding of a class-balanced subset of
+        ``images`` (checked, prepared images) and, for the channel generator, per-channel statistics
+        of the same forward pass. Gradients flow to the encoder, not to the backbone."""
+        idx = self.select_support(labels, len(images))
+        x, y = images[idx], (None if labels is None else labels[idx])
+        if not self.reads_channels:
+            return TaskSummary(self.embed(self.extract_features(x), y))
+        feats, responses = self.extract_features(x, channel_responses=True)
+        return TaskSummary(self.embed(feats, y), channel_statistics(responses, y))
+
+    def keep_probabilities(self, summary: TaskSummary | torch.Tensor, macs_ratio: float) -> list[torch.Tensor]:
         """Deterministic per-channel ``E[pi]`` for each group."""
-        return [kumaraswamy_mean(a, b) for a, b in self.generator(embedding, macs_ratio)]
+        summary = self._as_summary(summary)
+        return [kumaraswamy_mean(a, b) for a, b in self.generator(summary.embedding, macs_ratio, summary.channel_stats)]
+
+    def _as_summary(self, summary: TaskSummary | torch.Tensor) -> TaskSummary:
+        if isinstance(summary, TaskSummary):
+            return summary
+        if self.reads_channels:
+            raise ValueError(
+                "this pruner's generator reads per-channel statistics: pass a TaskSummary "
+                "(StampPruner.summarize or mean_embedding), not a bare embedding tensor"
+            )
+        return TaskSummary(summary)
 
     # ------------------------------------------------------------------ meta-test
     @torch.no_grad()
@@ -236,7 +302,7 @@ class StampPruner(nn.Module):
         labels: Sequence[int] | torch.Tensor | np.ndarray | None = None,
         macs_ratio: float = 0.5,
         round_to: int = 1,
-        embedding: torch.Tensor | None = None,
+        embedding: TaskSummary | torch.Tensor | None = None,
     ) -> PruneSpec:
         """Prune for the task the sample comes from.
 
@@ -245,7 +311,8 @@ class StampPruner(nn.Module):
             labels: class ids per image (two-level pooling) or None (label-free pooling).
             macs_ratio: budget ``r`` in (0, 1]: real MACs of the pruned net <= r * full.
             round_to: keep a multiple of this many channels per group (hardware-friendly widths).
-            embedding: use this task embedding instead of the one of ``images`` (ablations).
+            embedding: use this task summary (or, for the faithful generator, bare embedding)
+                instead of the one of ``images`` (ablations such as the mean embedding).
         """
         r = _check_ratio(macs_ratio)
         if not isinstance(round_to, int) or round_to < 1:
@@ -255,8 +322,7 @@ class StampPruner(nn.Module):
         self.eval()
         try:
             if embedding is None:
-                idx = self.select_support(y, len(x))
-                embedding = self.embed(self.extract_features(x[idx]), None if y is None else y[idx])
+                embedding = self.summarize(x, y)
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
@@ -264,8 +330,9 @@ class StampPruner(nn.Module):
         return spec_from_kept(kept, self.structure, self.backbone.config, r, self.config.version)
 
     @torch.no_grad()
-    def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """Average task embedding over ``tasks`` (``(images, labels)`` sets, prepared images).
+    def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TaskSummary:
+        """Average task summary over ``tasks`` (``(images, labels)`` sets, prepared images): the
+        embedding and, for the channel generator, the channel statistics.
 
         The mean-embedding ablation prunes every target with this embedding: if its masks do as
         well as the target's own, the set encoder's adaptivity is not what makes STAMP work.
@@ -276,14 +343,10 @@ class StampPruner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            embeddings = []
-            for images, labels in tasks:
-                x, y = self.check_images(images, labels)
-                idx = self.select_support(y, len(x))
-                embeddings.append(self.embed(self.extract_features(x[idx]), None if y is None else y[idx]))
+            summaries = [self.summarize(*self.check_images(images, labels)) for images, labels in tasks]
         finally:
             self.train(was_training)
-        return torch.stack(embeddings).mean(0)
+        return TaskSummary.mean(summaries)
 
     def build_pruned(self, spec: PruneSpec, num_classes: int | None = None) -> Backbone:
         """The pruner's backbone weights, physically pruned by ``spec``; new classifier if asked."""
@@ -440,6 +503,26 @@ def spec_from_kept(
         pruner_version=version,
         metadata=dict(metadata or {}),
     )
+
+
+def _response_recorder(into: list[torch.Tensor]):
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        r = F.relu(out)
+        into.append(r.mean(dim=tuple(range(2, r.ndim))) if r.ndim > 2 else r)
+
+    return hook
+
+
+def _channel_costs(structure: PrunableStructure) -> list[float]:
+    """MACs of one channel of each group at full width, as a fraction of the full network's."""
+    full = torch.tensor([float(g.size) for g in structure.groups], dtype=torch.float64, device=structure.device)
+    base = float(structure.macs(full))
+    costs = []
+    for g in range(structure.num_groups):
+        one_less = full.clone()
+        one_less[g] -= 1
+        costs.append((base - float(structure.macs(one_less))) / structure.macs_full)
+    return costs
 
 
 def _state_dict_mismatch(expected: dict[str, torch.Tensor], got: Any) -> tuple[list[str], list[str]]:

@@ -483,7 +483,7 @@ def prune_dataset(
             t0 = time.perf_counter()
             idx = torch.from_numpy(class_balanced_sample(ds.y_train, sample_per_class, seed, pruner.config.max_support))
             with torch.no_grad():
-                embedding = pruner.embed(pruner.extract_features(x_train[idx]), y_train[idx])
+                embedding = pruner.summarize(x_train[idx], y_train[idx])
             embed_seconds = time.perf_counter() - t0
             cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
             if finetune_epochs:

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import MetaTrainConfig
 from pipeline.data import load_split_arrays
 from pipeline.training.context import WorkerSetup
-from stamp_core import PruneSpec, StampPruner, TrainConfig, jaccard_distance, prepare_images, prune_for_task
+from stamp_core import PruneSpec, StampPruner, TaskSummary, TrainConfig, jaccard_distance, prepare_images, prune_for_task
 
 
 @dataclass
@@ -143,15 +143,12 @@ def adaptivity_diagnostics(pruner: StampPruner, tasks: list[ValTask], macs_ratio
     pruner.eval()
     try:
         model = pruner if next(pruner.parameters()).device.type == "cpu" else _cpu_copy(pruner)
-        embeddings = []
-        for task in tasks:
-            idx = model.select_support(task.y_train, len(task.x_train))
-            embeddings.append(model.embed(model.extract_features(task.x_train[idx]), task.y_train[idx]))
-        e = torch.nn.functional.normalize(torch.stack(embeddings), dim=1)
+        summaries = [model.summarize(task.x_train, task.y_train) for task in tasks]
+        e = torch.nn.functional.normalize(torch.stack([s.embedding for s in summaries]), dim=1)
         cos = e @ e.T
         off = ~torch.eye(len(tasks), dtype=torch.bool)
         mean_spec = model.generate(tasks[0].x_train[:1], None, macs_ratio=macs_ratio,
-                                   embedding=torch.stack(embeddings).mean(0))
+                                   embedding=TaskSummary.mean(summaries))
     finally:
         pruner.train(was_training)
     pairs = [jaccard_distance(a.kept, b.kept) for i, a in enumerate(specs) for b in specs[i + 1:]]

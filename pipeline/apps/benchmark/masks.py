@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import BenchmarkConfig
-from stamp_core import Backbone, PruneSpec, StampPruner, init_classifier_from_prototypes
+from stamp_core import Backbone, PruneSpec, StampPruner, TaskSummary, init_classifier_from_prototypes
 from stamp_core.baselines import BBDConfig, ScoringInput, get_criterion, spec_by_criterion
 
 from pipeline.apps.benchmark.cells import CROSS_PREFIX, BenchmarkError, CellKey
@@ -40,7 +40,7 @@ class MaskContext:
     weights: Backbone  #: the weights this cell prunes (pretrained or meta-trained)
     x: torch.Tensor  #: the target's prepared training images (data in hand)
     y: torch.Tensor
-    mean_embedding: torch.Tensor | None = None
+    mean_embedding: TaskSummary | None = None
     #: prepared training images and labels of every target by name (for ``stamp@U``), loaded on demand
     other_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -52,13 +52,13 @@ class MaskResult:
     train_seconds: float = 0.0  #: a method's own training on the target (BBD), included in the mask time
 
 
-def task_embedding(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """STAMP's embedding of a seeded class-balanced sample of ``(x, y)`` (what a user's sample would be)."""
+def task_embedding(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int) -> TaskSummary:
+    """STAMP's summary of a seeded class-balanced sample of ``(x, y)`` (what a user's sample would be)."""
     from pipeline.apps.prune import class_balanced_sample
 
     idx = torch.from_numpy(class_balanced_sample(y.numpy(), per_class, seed, pruner.config.max_support))
     with torch.no_grad():
-        return pruner.embed(pruner.extract_features(x[idx]), y[idx])
+        return pruner.summarize(x[idx], y[idx])
 
 
 def obtain_mask(cell: CellKey, ctx: MaskContext) -> MaskResult:

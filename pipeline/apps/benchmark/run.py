@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.config import BenchmarkConfig, BenchmarkModel, BenchmarkTarget
-from stamp_core import Backbone, StampPruner, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune
+from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune
 
 from pipeline.apps.benchmark.cells import (
     CROSS_PREFIX,
@@ -72,7 +72,7 @@ class _Model:
     weights: dict[str, Backbone]  #: "meta" (the pruner's backbone) and "pretrained" when configured
     hashes: dict[str, str]  #: content hashes: "pruner" and "pretrained"
     input_shape: tuple[int, int, int]
-    mean_embedding: torch.Tensor | None = None
+    mean_embedding: TaskSummary | None = None
 
 
 @dataclass
