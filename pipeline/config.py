@@ -261,6 +261,9 @@ class PrunerSection(_Strict):
     #: "batch": task embeddings standardised across each meta-batch (v2); "running": v1's
     #: running statistics of single tasks + LayerNorm.
     task_norm: Literal["batch", "running"] = "batch"
+    #: "faithful": the paper's generator (set embedding -> per-layer heads); "channel": per-channel
+    #: response statistics of the task's sample scored by one network shared across channels.
+    generator: Literal["faithful", "channel"] = "faithful"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "PrunerSection":
