@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _tasks import make_episode, make_images
-from stamp_core import (MetaConfig, jaccard_distance, StampPruner, TrainConfig, build_backbone, make_optimizer, meta_batch_loss, meta_train_step,
-                        train_classifier)
+from stamp_core import (MetaConfig, StampPruner, TaskSummary, TrainConfig, build_backbone, make_optimizer, meta_batch_loss,
+                        meta_train_step, prune_and_finetune, train_classifier)
 
 
 def _episode(seed: int = 0, ratio: float = 0.3):
@@ -69,47 +69,109 @@ def test_batch_task_norm_needs_a_meta_batch() -> None:
 
 EPISODES = 100
 META_BATCH = 4
+CROSS_RATIO = 0.1
+#: own mask minus the other family's mask and minus the mean-summary mask, each averaged over the
+#: two families (points of test accuracy); see the test's docstring for why 3.
+MARGIN = 3.0
+FAMILIES = ("color", "orientation")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_masks_adapt_to_the_task_family(seed: int, capsys) -> None:
-    """Two task families that need different channels (hue vs orientation) get clearly different
-    masks at r=0.3, while two samples of one task get (near) identical masks.
-
-    Measured with this test (small_cnn width 16, 100 episodes): across-family Jaccard distance
-    0.41 / 0.66 / 0.40 for seeds 0 / 1 / 2, within-task 0.000 on every seed. Before the generator
-    standardised embeddings against the running task mean, seeds 1 and 2 gave 0.0 (one shared mask).
-    Known weakness: continued to 200 episodes, some seeds still drift back to a shared mask (seed 2:
-    0.03; seeds 0 / 1: 0.32 / 0.66) as keep probabilities saturate and the raw embeddings of the two
-    families converge.
-    """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+@pytest.fixture(scope="module")
+def two_family_backbone():
+    """small_cnn (width 16) trained on both families' 12 classes: it has channels for hue and for
+    orientation, and a task of one family needs only its own."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     labels = torch.arange(12).repeat(150)
     x = torch.cat([make_images("color", labels[:900] % 6, gen), make_images("orientation", labels[900:] % 6, gen)])
     y = torch.cat([labels[:900] % 6, 6 + labels[900:] % 6])
     backbone = build_backbone("small_cnn", 12, width=16)
     train_classifier(backbone, x, y, TrainConfig(epochs=3, batch_size=64, lr=0.05, augment=False))
-    pruner = StampPruner.create(backbone)
+    return backbone
+
+
+def _held_out_task(family: str, seed: int):
+    """A 6-way task never seen in meta-training: 20 training and 40 test images per class."""
+    g = torch.Generator().manual_seed(seed)
+    y_train, y_test = torch.arange(6).repeat_interleave(20), torch.arange(6).repeat_interleave(40)
+    return make_images(family, y_train, g), y_train, make_images(family, y_test, g), y_test
+
+
+def _cross_evaluate(pruner: StampPruner, tasks: dict, summaries: dict) -> dict[str, dict[str, float]]:
+    """Test accuracy (points) of each family's task pruned with its own summary's mask, the other
+    family's and the mean summary's, after the same 2-epoch fine-tune (mean of 2 fine-tune seeds)."""
+    mean = TaskSummary.mean([summaries[f] for f in FAMILIES])
+    out: dict[str, dict[str, float]] = {}
+    scored: dict[tuple[str, str], float] = {}  # equal masks are fine-tuned once
+    for f, (x, y, xt, yt) in tasks.items():
+        other = next(o for o in FAMILIES if o != f)
+        out[f] = {}
+        for label, summary in (("own", summaries[f]), ("other", summaries[other]), ("mean", mean)):
+            spec = pruner.generate(x, y, macs_ratio=CROSS_RATIO, embedding=summary)
+            key = (f, spec.to_json())
+            if key not in scored:
+                accs = [prune_and_finetune(pruner.backbone, spec, x, y, xt, yt,
+                                           TrainConfig(epochs=2, batch_size=32, lr=0.02, augment=False, seed=s)).accuracy
+                        for s in range(2)]
+                scored[key] = 100 * sum(accs) / len(accs)
+            out[f][label] = scored[key]
+    return out
+
+
+def _adapts(acc: dict[str, dict[str, float]]) -> bool:
+    """The bar: averaged over the families, a task's own mask beats the other family's mask and the
+    mean-summary mask by MARGIN points each."""
+    own_other = sum(a["own"] - a["other"] for a in acc.values()) / len(acc)
+    own_mean = sum(a["own"] - a["mean"] for a in acc.values()) / len(acc)
+    return own_other >= MARGIN and own_mean >= MARGIN
+
+
+@pytest.mark.slow
+def test_own_masks_beat_other_tasks_masks_after_the_same_fine_tune(two_family_backbone, capsys) -> None:
+    """Cross-evaluation on held-out tasks of two families that need different channels (hue vs
+    orientation): after the same short fine-tune, a task's own mask beats the mask generated for the
+    other family's task and the mask of the mean summary (the mean-embedding ablation).
+
+    Channel generator, deployed objective, 100 episodes, r=0.1, 240 test images per family. This
+    test measured own / other / mean: colour 97.9 / 87.1 / 88.3, orientation 87.3 / 86.0 / 59.8, i.e.
+    own − other +6.0 and own − mean +18.6 averaged over families; the untrained generator's mask
+    (L1's) reached 89.4 / 85.4, so the learned masks also beat L1 (+8.5 / +1.9). Three more configurations (backbone and
+    meta-training seeds 0/1/2, the script in the issue-16 note) gave own − other
+    +12.4 / +6.8 / +16.0 and own − mean +14.3 / +7.0 / +14.4; the faithful generator on seed 0 did
+    not adapt usefully (orientation: own 67.3, other 76.9). Per family, orientation's own − other
+    can be small (+1.3 here, +2.9 on seed 2): a colour mask keeps much of what orientation needs.
+
+    Why MARGIN = 3: a paired difference between two masks on the same 240 images has a standard
+    error of about 2 points when a tenth of the answers differ; averaged over the two families about
+    1.5, so 3 points is two standard errors, well below every measured effect.
+
+    The bar fails, as it must, for the two things it exists to catch (both asserted below):
+    * an untrained generator: with its zero-initialised scorer every task gets the L1 mask, so own,
+      other and mean are one network and every difference is exactly 0;
+    * the mean-embedding ablation: the trained pruner given the mean summary for every task.
+    """
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    pruner = StampPruner.create(copy.deepcopy(two_family_backbone), generator="channel")
+    untrained = StampPruner.create(copy.deepcopy(two_family_backbone), generator="channel")
     opt = make_optimizer(pruner, lr=1e-3, backbone_lr=1e-4)
-    families = ["color", "orientation"]
-    for i in range(0, EPISODES, META_BATCH):
-        batch = [make_episode(families[int(torch.randint(2, (), generator=gen))], gen) for _ in range(META_BATCH)]
-        meta_train_step(pruner, batch, opt, MetaConfig())
+    cfg = MetaConfig(objective="deployed", inner_steps=2)
+    for _ in range(0, EPISODES, META_BATCH):
+        batch = [make_episode(FAMILIES[int(torch.randint(2, (), generator=gen))], gen) for _ in range(META_BATCH)]
+        meta_train_step(pruner, batch, opt, cfg)
 
-    def kept(family: str, sample_seed: int) -> dict[str, list[int]]:
-        g = torch.Generator().manual_seed(sample_seed)
-        sy = torch.arange(6).repeat_interleave(20)
-        return pruner.generate(make_images(family, sy, g), sy, macs_ratio=0.3).kept
-
-    c1, c2, o1, o2 = kept("color", 101), kept("color", 102), kept("orientation", 101), kept("orientation", 102)
-    within = max(jaccard_distance(c1, c2), jaccard_distance(o1, o2))
-    across = min(jaccard_distance(c1, o1), jaccard_distance(c2, o2))
+    tasks = {f: _held_out_task(f, 1000 + k) for k, f in enumerate(FAMILIES)}
+    trained = _cross_evaluate(pruner, tasks, {f: pruner.summarize(*tasks[f][:2]) for f in FAMILIES})
+    fresh = _cross_evaluate(untrained, tasks, {f: untrained.summarize(*tasks[f][:2]) for f in FAMILIES})
+    mean = TaskSummary.mean([pruner.summarize(*tasks[f][:2]) for f in FAMILIES])
+    ablation = _cross_evaluate(pruner, tasks, {f: mean for f in FAMILIES})
     with capsys.disabled():
-        print(f"\n[adaptivity seed {seed}] Jaccard distance across families {across:.3f}, within a task {within:.3f}")
-    assert within <= 0.05
-    assert across >= 0.2
+        for name, acc in (("trained", trained), ("untrained", fresh), ("mean ablation", ablation)):
+            print(f"\n[cross-evaluation, {name}] " + "; ".join(
+                f"{f}: own {a['own']:.1f} other {a['other']:.1f} mean {a['mean']:.1f}" for f, a in acc.items()))
+    assert _adapts(trained), trained
+    assert not _adapts(fresh), fresh
+    assert not _adapts(ablation), ablation
 
 
 @pytest.mark.parametrize("inner_steps", [0, 2])
