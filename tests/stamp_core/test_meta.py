@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from _tasks import make_episode, make_images
-from stamp_core import (MetaConfig, StampPruner, TaskSummary, TrainConfig, build_backbone, make_optimizer, meta_batch_loss,
-                        meta_train_step, prune_and_finetune, train_classifier)
+from _tasks import FAMILIES, cross_evaluate, held_out_task, make_episode, two_family_backbone
+from stamp_core import MetaConfig, StampPruner, TaskSummary, make_optimizer, meta_batch_loss, meta_train_step
 
 
 def _episode(seed: int = 0, ratio: float = 0.3):
@@ -73,49 +72,10 @@ CROSS_RATIO = 0.1
 #: own mask minus the other family's mask and minus the mean-summary mask, each averaged over the
 #: two families (points of test accuracy); see the test's docstring for why 3.
 MARGIN = 3.0
-FAMILIES = ("color", "orientation")
-
-
 @pytest.fixture(scope="module")
-def two_family_backbone():
-    """small_cnn (width 16) trained on both families' 12 classes: it has channels for hue and for
-    orientation, and a task of one family needs only its own."""
+def backbone_of_two_families():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(12).repeat(150)
-    x = torch.cat([make_images("color", labels[:900] % 6, gen), make_images("orientation", labels[900:] % 6, gen)])
-    y = torch.cat([labels[:900] % 6, 6 + labels[900:] % 6])
-    backbone = build_backbone("small_cnn", 12, width=16)
-    train_classifier(backbone, x, y, TrainConfig(epochs=3, batch_size=64, lr=0.05, augment=False))
-    return backbone
-
-
-def _held_out_task(family: str, seed: int):
-    """A 6-way task never seen in meta-training: 20 training and 40 test images per class."""
-    g = torch.Generator().manual_seed(seed)
-    y_train, y_test = torch.arange(6).repeat_interleave(20), torch.arange(6).repeat_interleave(40)
-    return make_images(family, y_train, g), y_train, make_images(family, y_test, g), y_test
-
-
-def _cross_evaluate(pruner: StampPruner, tasks: dict, summaries: dict) -> dict[str, dict[str, float]]:
-    """Test accuracy (points) of each family's task pruned with its own summary's mask, the other
-    family's and the mean summary's, after the same 2-epoch fine-tune (mean of 2 fine-tune seeds)."""
-    mean = TaskSummary.mean([summaries[f] for f in FAMILIES])
-    out: dict[str, dict[str, float]] = {}
-    scored: dict[tuple[str, str], float] = {}  # equal masks are fine-tuned once
-    for f, (x, y, xt, yt) in tasks.items():
-        other = next(o for o in FAMILIES if o != f)
-        out[f] = {}
-        for label, summary in (("own", summaries[f]), ("other", summaries[other]), ("mean", mean)):
-            spec = pruner.generate(x, y, macs_ratio=CROSS_RATIO, embedding=summary)
-            key = (f, spec.to_json())
-            if key not in scored:
-                accs = [prune_and_finetune(pruner.backbone, spec, x, y, xt, yt,
-                                           TrainConfig(epochs=2, batch_size=32, lr=0.02, augment=False, seed=s)).accuracy
-                        for s in range(2)]
-                scored[key] = 100 * sum(accs) / len(accs)
-            out[f][label] = scored[key]
-    return out
+    return two_family_backbone(torch.Generator().manual_seed(0))
 
 
 def _adapts(acc: dict[str, dict[str, float]]) -> bool:
@@ -127,7 +87,7 @@ def _adapts(acc: dict[str, dict[str, float]]) -> bool:
 
 
 @pytest.mark.slow
-def test_own_masks_beat_other_tasks_masks_after_the_same_fine_tune(two_family_backbone, capsys) -> None:
+def test_own_masks_beat_other_tasks_masks_after_the_same_fine_tune(backbone_of_two_families, capsys) -> None:
     """Cross-evaluation on held-out tasks of two families that need different channels (hue vs
     orientation): after the same short fine-tune, a task's own mask beats the mask generated for the
     other family's task and the mask of the mean summary (the mean-embedding ablation).
@@ -152,19 +112,19 @@ def test_own_masks_beat_other_tasks_masks_after_the_same_fine_tune(two_family_ba
     """
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    pruner = StampPruner.create(copy.deepcopy(two_family_backbone), generator="channel")
-    untrained = StampPruner.create(copy.deepcopy(two_family_backbone), generator="channel")
+    pruner = StampPruner.create(copy.deepcopy(backbone_of_two_families), generator="channel")
+    untrained = StampPruner.create(copy.deepcopy(backbone_of_two_families), generator="channel")
     opt = make_optimizer(pruner, lr=1e-3, backbone_lr=1e-4)
     cfg = MetaConfig(objective="deployed", inner_steps=2)
     for _ in range(0, EPISODES, META_BATCH):
         batch = [make_episode(FAMILIES[int(torch.randint(2, (), generator=gen))], gen) for _ in range(META_BATCH)]
         meta_train_step(pruner, batch, opt, cfg)
 
-    tasks = {f: _held_out_task(f, 1000 + k) for k, f in enumerate(FAMILIES)}
-    trained = _cross_evaluate(pruner, tasks, {f: pruner.summarize(*tasks[f][:2]) for f in FAMILIES})
-    fresh = _cross_evaluate(untrained, tasks, {f: untrained.summarize(*tasks[f][:2]) for f in FAMILIES})
+    tasks = {f: held_out_task(f, 1000 + k) for k, f in enumerate(FAMILIES)}
+    trained = cross_evaluate(pruner, tasks, {f: pruner.summarize(*tasks[f][:2]) for f in FAMILIES}, CROSS_RATIO)
+    fresh = cross_evaluate(untrained, tasks, {f: untrained.summarize(*tasks[f][:2]) for f in FAMILIES}, CROSS_RATIO)
     mean = TaskSummary.mean([pruner.summarize(*tasks[f][:2]) for f in FAMILIES])
-    ablation = _cross_evaluate(pruner, tasks, {f: mean for f in FAMILIES})
+    ablation = cross_evaluate(pruner, tasks, {f: mean for f in FAMILIES}, CROSS_RATIO)
     with capsys.disabled():
         for name, acc in (("trained", trained), ("untrained", fresh), ("mean ablation", ablation)):
             print(f"\n[cross-evaluation, {name}] " + "; ".join(
