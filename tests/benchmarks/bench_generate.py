@@ -3,11 +3,13 @@
 Figures (medians; the machine is shared, so ratios matter more than absolutes):
 
 1. generate() incl. feature extraction for a 400-image set at 32x32, against one plain forward pass
-   of the same 400 images through the backbone (the floor). Target: resnet18 <= 1.2x; resnet20 < 1 s.
+   of the same 400 images through the backbone (the floor), for both generators (the channel
+   generator also pools every gated channel's response in that pass). Target: resnet18 <= 1.2x;
+   resnet20 < 1 s.
 2. CPU latency at batch 64 of the pruned net / the full net at r = 0.3 for vgg19 and resnet18,
    against the MACs ratio. Target: latency ratio within 1.5x of the MACs ratio.
 
-Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5]
+Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_generate(name: str, repeats: int) -> dict[str, float]:
+def bench_generate(name: str, repeats: int, generator: str = "faithful") -> dict[str, float]:
     torch.manual_seed(0)
-    pruner = StampPruner.create(name, 10).eval()
+    pruner = StampPruner.create(name, 10, generator=generator).eval()
     x = torch.rand(400, 3, 32, 32) * 2 - 1
     y = torch.arange(400) % 10
 
@@ -61,14 +63,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--generators", nargs="+", default=["faithful", "channel"], choices=["faithful", "channel"])
+    parser.add_argument("--skip-latency", action="store_true", help="only the generate() figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
     print("\ngenerate() on 400 images at 32x32 vs one forward pass of them")
-    print(f"{'backbone':<10} {'forward s':>10} {'generate s':>11} {'ratio':>7}")
+    print(f"{'backbone':<10} {'generator':<9} {'forward s':>10} {'generate s':>11} {'ratio':>7}")
     for name in ("resnet20", "resnet18"):
-        r = bench_generate(name, args.repeats)
-        print(f"{name:<10} {r['forward_s']:>10.3f} {r['generate_s']:>11.3f} {r['ratio']:>7.2f}")
+        for generator in args.generators:
+            r = bench_generate(name, args.repeats, generator)
+            print(f"{name:<10} {generator:<9} {r['forward_s']:>10.3f} {r['generate_s']:>11.3f} {r['ratio']:>7.2f}")
+    if args.skip_latency:
+        return
     print("\npruned / full CPU latency at batch 64, r = 0.3")
     print(f"{'backbone':<10} {'MACs ratio':>10} {'latency ratio':>14} {'full ms':>9} {'pruned ms':>10} {'lat/MACs':>9}")
     for name in ("vgg19", "resnet18"):
