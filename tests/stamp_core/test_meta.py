@@ -169,7 +169,10 @@ def test_deployed_objective_trains_the_mask_generate_returns() -> None:
     cfg = MetaConfig(objective="deployed", inner_steps=2)
     for seed in range(2):
         parts = meta_train_step(pruner, _batch(seed), opt, cfg)
-    assert 0.27 <= parts["expected_macs_ratio"] <= 0.3 and parts["kl"] == parts["macs_penalty"] == 0.0
+    assert 0.27 <= parts["expected_macs_ratio"] <= 0.3 and parts["kl"] == 0.0
+    # the keep probabilities' own expected MACs are pinned to the budget (they saturated without it)
+    assert parts["macs_penalty"] == pytest.approx((parts["soft_macs_ratio"] - 0.3) ** 2, rel=1e-4)
+    assert parts["loss"] == pytest.approx(parts["ce"] + cfg.macs_weight * parts["macs_penalty"], rel=1e-5)
     after = pruner.state_dict()
     for prefix in ("encoder.", "generator.heads.", "generator.a_uc.", "backbone.body.0."):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
