@@ -276,12 +276,26 @@ def prune(
     out_dir: Path = typer.Option(..., "--out", help="Output directory (spec.json, weights, ONNX, TorchScript, report)."),
     round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels per layer group."),
     seed: int = typer.Option(0, help="Seed of the encoder's sample and of fine-tuning."),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Also fine-tune the full network the same way; report both."),
+    register: Optional[str] = typer.Option(None, "--register", help="Register the pruned network in MLflow under this model name."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="With --register: point this alias (e.g. production) at the new version."),
 ) -> None:
-    """Prune the registered pruner's backbone for your data, fine-tune it, export it."""
-    from pipeline.apps.prune import prune_dataset
+    """Prune the registered pruner's backbone for your data, fine-tune it, export it (and register it)."""
+    if alias and not register:
+        raise ValueError("--alias needs --register NAME: the alias names a version of the registered pruned model")
+    from pipeline.apps.prune import prune_dataset, register_pruned
 
-    report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed)
+    if register:
+        from pipeline.registry import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(None))  # before minutes of work, not after
+    report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed, compare_full=compare_full)
     out.print(report.to_markdown())
+    if register:
+        reg = register_pruned(report, register, alias)
+        moved = f", alias {alias!r} -> version {reg.version}" if alias else ""
+        out.print(f"registered {reg.uri} (run {reg.run_id}){moved}; serve it with:\n"
+                  f"  mlflow models serve -m models:/{register}/{reg.version} --env-manager local -h 127.0.0.1 -p 5001")
 
 
 @app.command()
