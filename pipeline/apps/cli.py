@@ -290,12 +290,14 @@ def prune(
 
         check_tracking_uri(resolve_tracking_uri(None))  # before minutes of work, not after
     report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed, compare_full=compare_full)
-    out.print(report.to_markdown())
+    # Plain text: the report's Markdown links use brackets that rich would read as markup.
+    out.print(report.to_markdown(), markup=False, highlight=False, soft_wrap=True)
     if register:
         reg = register_pruned(report, register, alias)
         moved = f", alias {alias!r} -> version {reg.version}" if alias else ""
+        served = f"models:/{register}@{alias}" if alias else reg.uri
         out.print(f"registered {reg.uri} (run {reg.run_id}){moved}; serve it with:\n"
-                  f"  mlflow models serve -m models:/{register}/{reg.version} --env-manager local -h 127.0.0.1 -p 5001")
+                  f"  mlflow models serve -m {served} --env-manager local -h 127.0.0.1 -p 5001", soft_wrap=True)
 
 
 @app.command()
