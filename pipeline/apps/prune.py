@@ -118,6 +118,7 @@ class PruneReport:
     torchscript_max_abs_diff: float | None
     files: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    full_history: list[dict[str, float]] = field(default_factory=list)  #: the full network's fine-tune (``compare_full``)
     pruner_version: str | None = None  #: registry version of the pruner (None: not from the registry)
     dataset_sha256: str = ""  #: content hash of the data (pixels, labels, class names)
     cpu_count: int | None = None  #: logical CPUs of the machine the latencies were measured on
@@ -463,7 +464,7 @@ def prune_dataset(
     round_to: int = 1,
     seed: int = 0,
     sample_per_class: int = 20,
-    progress: bool = True,
+    progress: bool | Any = True,
     *,
     latency_threads: int = 1,
     export_onnx_model: bool = True,
@@ -485,7 +486,7 @@ def prune_dataset(
         round_to: keep a multiple of this many channels per layer.
         seed: picks the encoder's sample and seeds fine-tuning.
         sample_per_class: images per class the set encoder reads (capped by the pruner's max_support).
-        progress: print one line per step to stderr.
+        progress: print one line per step to stderr (True), to this rich Console, or not (False).
         latency_threads: torch threads during the latency measurement.
         export_onnx_model, export_torchscript_model: write and verify those exports.
         parity_atol: largest accepted logit difference of an export vs PyTorch (scaled by the
@@ -593,6 +594,7 @@ def prune_dataset(
             report.full_accuracy_before_finetune = full_result.accuracy_before_finetune
             report.full_accuracy = full_result.accuracy
             report.full_finetune_seconds = full_result.finetune_seconds
+            report.full_history = full_result.history
         report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
         blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
         blobs[REPORT_MD] = report.to_markdown().encode()
@@ -618,12 +620,13 @@ def _kept_plot_png(dataset: str, spec: PruneSpec) -> bytes:
 
 
 class _Progress:
-    """One line per step on stderr with the elapsed time; silent when disabled."""
+    """One line per step with the elapsed time: on stderr, on a given console, or nowhere."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool | Any) -> None:
+        self.enabled = bool(enabled)
         self.t0 = time.perf_counter()
-        self._console: Callable[[str], None] | None = None
+        # A rich Console given instead of True: print there (the CLI's terminal stream).
+        self._console: Callable[[str], None] | None = None if isinstance(enabled, bool) else enabled.print
 
     def __call__(self, message: str) -> None:
         if not self.enabled:

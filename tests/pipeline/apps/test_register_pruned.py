@@ -8,7 +8,10 @@ registered pruned network, queried over HTTP and compared with the local files o
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipeline.apps.cli import app
 from pipeline.apps.prune import load_pruned, resolve_data
-from pipeline.registry import log_pruner, set_alias, use_tracking_uri
+from pipeline.registry import log_pruner, set_alias
 from stamp_core import StampPruner, TrainConfig, default_finetune, prepare_images, prune_and_finetune, train_classifier
 from tests._serving import invoke, served
 
@@ -47,12 +48,14 @@ def registered(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
     name = f"stamp-pruned-{secrets.token_hex(4)}"
     out = tmp_path_factory.mktemp("register") / "out"
-    result = CliRunner().invoke(app, [
+    # The command as a user runs it: its own process, its terminal output captured.
+    done = subprocess.run([
+        sys.executable, "-m", "pipeline.apps.cli",
         "prune", "--model", f"models:/{pruner_name}@champion", "--data", DATA_SPEC, "--macs-ratio", str(RATIO),
         "--finetune-epochs", str(EPOCHS), "--out", str(out), "--compare-full", "--register", name, "--alias", "prod",
-    ])
-    assert result.exit_code == 0, result.output
-    return {"name": name, "pruner_name": pruner_name, "out": out, "output": result.output, "dataset": ds,
+    ], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return {"name": name, "pruner_name": pruner_name, "out": out, "output": done.stdout + done.stderr, "dataset": ds,
             "report": json.loads((out / "report.json").read_text()), "pruner": pruner}
 
 
@@ -80,6 +83,11 @@ def test_version_tags_and_description_match_the_report(registered: dict[str, Any
     assert float(tags["metric.full_accuracy"]) == report["full_accuracy"]
     assert tags["stamp.kind"] == "pruned-network"
     assert f"registered models:/{registered['name']}/1" in registered["output"]
+    # Quiet: MLflow's own log lines went to the log file the command named, not to the terminal.
+    log = registered["out"] / "logs" / "prune.log"
+    assert "Successfully registered model" in log.read_text()
+    assert str(log) in " ".join(registered["output"].split())
+    assert not re.search(r"\bINFO\b|Successfully registered|Downloading artifacts", registered["output"])
     # The report, its JSON and the kept-channels picture are run artifacts.
     listed = {f.path for f in client.list_artifacts(mv.run_id, "report")}
     assert listed == {"report/report.md", "report/report.json", "report/kept_channels.png"}
@@ -95,6 +103,9 @@ def test_compare_full_fine_tunes_the_full_net_with_the_same_settings(registered:
     full = prune_and_finetune(registered["pruner"].backbone, None, x_train, y_train, x_test, y_test, default_finetune(EPOCHS, 0))
     assert report["full_accuracy"] == pytest.approx(full.accuracy, abs=1e-9)
     assert report["full_accuracy_before_finetune"] == pytest.approx(full.accuracy_before_finetune, abs=1e-9)
+    # The same schedule, step for step: identical per-epoch training losses (seed, lr, data).
+    assert [h["loss"] for h in report["full_history"]] == pytest.approx([h["loss"] for h in full.history], rel=1e-6)
+    assert len(report["full_history"]) == EPOCHS
     md = (registered["out"] / "report.md").read_text()
     assert f"| after fine-tune | {100 * report['accuracy']:.2f}% | {100 * report['full_accuracy']:.2f}% |" in md
 
