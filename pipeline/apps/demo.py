@@ -275,15 +275,22 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     catalog_hash = Catalog.load(get_settings().catalog_url).content_hash()
     import ray
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         # A private local Ray; set RAY_ADDRESS to run the same stages on a cluster.
         ray.init(address=get_settings().ray_address or "local", num_cpus=None if get_settings().ray_address else 2,
                  include_dashboard=False, log_to_driver=True)
-    pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)", lambda: _pretrain(preset))
-    meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",
-                      lambda: _meta_train(preset, pre.backbone_dir))
-    tuned = stages.run("tune", f"tune KL weight and learning rates (Ray Tune, {preset.tune_trials} trials, ASHA)",
-                       lambda: _tune(preset, pre.backbone_dir, model_name))
+    try:
+        pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)", lambda: _pretrain(preset))
+        meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",
+                          lambda: _meta_train(preset, pre.backbone_dir))
+        tuned = stages.run("tune", f"tune KL weight and learning rates (Ray Tune, {preset.tune_trials} trials, ASHA)",
+                           lambda: _tune(preset, pre.backbone_dir, model_name))
+    finally:
+        if started_ray:
+            # Now, not at interpreter exit: shutting down prints the worker lines Ray still holds
+            # back for de-duplication, and the caller routes this process's output (terminal.py).
+            ray.shutdown()
     version, moved = stages.run("register", "register in MLflow; champion = best meta-validation accuracy",
                                 lambda: _register_meta(meta, model_name, catalog_hash, preset))
     console.print(f"meta-train pruner: version {version} (champion {'moved' if moved else 'kept'}); "
