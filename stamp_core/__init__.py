@@ -3,7 +3,16 @@
 Depends on PyTorch and torch-pruning only: no Ray, MLflow, S3 or CLI code lives here.
 """
 
-from stamp_core.prune import PruneResult, build_task_model, default_finetune, prune_and_finetune, prune_for_task, recalibrate_batchnorm
+from stamp_core.prune import (
+    PruneResult,
+    build_pruned_model,
+    build_task_model,
+    default_finetune,
+    load_pruned_model,
+    prune_and_finetune,
+    prune_for_task,
+    recalibrate_batchnorm,
+)
 from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_statistics
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
@@ -16,7 +25,7 @@ from stamp_core.spec import PruneSpec, SpecMismatchError, jaccard_distance
 from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, random_shift, train_classifier
 
 __all__ = [
-    "PruneResult", "build_task_model", "default_finetune", "prune_and_finetune", "prune_for_task", "recalibrate_batchnorm",
+    "PruneResult", "build_pruned_model", "build_task_model", "default_finetune", "load_pruned_model", "prune_and_finetune", "prune_for_task", "recalibrate_batchnorm",
     "ChannelMaskGenerator", "TaskSummary", "channel_statistics",
     "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import io
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from stamp_core.channel_generator import TaskSummary
 from stamp_core.backbones import Backbone, build_backbone_from_config
-from stamp_core.pruner import StampPruner
+from stamp_core.pruner import StampPruner, load_weights
 from stamp_core.spec import PruneSpec
 from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, train_classifier
 
@@ -208,3 +212,33 @@ def prune_for_task(
     result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn)
     result.prune_seconds += generate_seconds
     return result
+
+
+def build_pruned_model(spec: PruneSpec, state: Mapping[str, torch.Tensor]) -> Backbone:
+    """The pruned network from its spec and state_dict (eval mode); the architecture comes from the
+    backbone definition and the spec, never from a pickled module."""
+    if "classifier.weight" not in state:
+        raise ValueError("the state_dict has no classifier.weight: not a STAMP backbone state_dict")
+    model = build_backbone_from_config(spec.backbone)
+    spec.apply(model)
+    model.reset_classifier(int(state["classifier.weight"].shape[0]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_pruned_model(spec_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> Backbone:
+    """Rebuild a pruned network from a PruneSpec JSON file and its state_dict file.
+
+    The weights are read with ``weights_only=True`` and must match the ``weights_sha256`` the
+    spec records (when it records one), so a spec never describes another run's weights.
+    """
+    spec = PruneSpec.load(spec_path)
+    data = Path(weights_path).read_bytes()
+    expected = spec.metadata.get("weights_sha256")
+    if expected is not None and expected != hashlib.sha256(data).hexdigest():
+        raise ValueError(f"{weights_path} does not belong to {spec_path} (sha256 mismatch): expected the weights written with that spec")
+    state = load_weights(io.BytesIO(data), "cpu", what=str(weights_path))
+    try:
+        return build_pruned_model(spec, state)
+    except ValueError as exc:
+        raise ValueError(f"{weights_path}: {exc}") from None

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "cli": ("app",),
     "prune": ("ExportError", "OutputDirError", "PruneError", "PruneReport", "class_balanced_sample", "load_pruned",
-              "prune_dataset", "resolve_data", "resolve_pruner"),
+              "locate_pruner", "prune_dataset", "register_pruned", "resolve_data", "resolve_pruner"),
     "benchmark": ("BenchmarkError", "BenchmarkResult", "load_benchmark_config", "run_benchmark"),
     "demo": ("DemoPreset", "run_demo"),
 }
 __all__ = [
     "app",
-    "ExportError", "OutputDirError", "PruneError", "PruneReport", "class_balanced_sample", "load_pruned", "prune_dataset",
-    "resolve_data", "resolve_pruner",
+    "ExportError", "OutputDirError", "PruneError", "PruneReport", "class_balanced_sample", "load_pruned", "locate_pruner",
+    "prune_dataset", "register_pruned", "resolve_data", "resolve_pruner",
     "BenchmarkError", "BenchmarkResult", "load_benchmark_config", "run_benchmark",
     "DemoPreset", "run_demo",
 ]
@@ -40,7 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover - what __getattr__ hands out, for type che
         PruneReport,
         class_balanced_sample,
         load_pruned,
+        locate_pruner,
         prune_dataset,
+        register_pruned,
         resolve_data,
         resolve_pruner,
     )

@@ -276,12 +276,38 @@ def prune(
     out_dir: Path = typer.Option(..., "--out", help="Output directory (spec.json, weights, ONNX, TorchScript, report)."),
     round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels per layer group."),
     seed: int = typer.Option(0, help="Seed of the encoder's sample and of fine-tuning."),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Also fine-tune the full network the same way; report both."),
+    register: Optional[str] = typer.Option(None, "--register", help="Register the pruned network in MLflow under this model name."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="With --register: point this alias (e.g. production) at the new version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MLflow's own log lines instead of writing them to OUT/logs/prune.log."),
 ) -> None:
-    """Prune the registered pruner's backbone for your data, fine-tune it, export it."""
-    from pipeline.apps.prune import prune_dataset
+    """Prune the registered pruner's backbone for your data, fine-tune it, export it (and register it)."""
+    if alias and not register:
+        raise ValueError("--alias needs --register NAME: the alias names a version of the registered pruned model")
+    from pipeline.apps.prune import prune_dataset, register_pruned
 
-    report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed)
-    out.print(report.to_markdown())
+    if register:
+        from pipeline.registry import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(None))  # before minutes of work, not after
+    from pipeline.apps.terminal import route_output
+
+    log = None if verbose else out_dir.expanduser().resolve() / "logs" / "prune.log"
+    with route_output(log) as term:
+        progress, results = term.consoles() if log is not None else (console, out)
+        report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed,
+                               compare_full=compare_full, progress=progress)
+        # Plain text: the report's Markdown links use brackets that rich would read as markup.
+        results.print(report.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+        if register:
+            progress.print(f"registering the pruned network as {register!r}")
+            reg = register_pruned(report, register, alias)
+            moved = f", alias {alias!r} -> version {reg.version}" if alias else ""
+            served = f"models:/{register}@{alias}" if alias else reg.uri
+            results.print(f"registered {reg.uri} (run {reg.run_id}){moved}; serve it with:\n"
+                          f"  mlflow models serve -m {served} --env-manager local -h 127.0.0.1 -p 5001", soft_wrap=True)
+        if log is not None:
+            progress.print(f"[dim]MLflow's log lines: {log}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -307,11 +333,18 @@ def demo(
     quick: bool = typer.Option(False, help="Smaller data and fewer steps (what the end-to-end test runs)."),
     out_dir: Path = typer.Option(Path(".stamp/demo"), "--out", help="Where the pruned model and report go."),
     model_name: str = typer.Option("stamp-pruner", help="Registered model name."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's and MLflow's own log lines instead of writing them to OUT/logs/demo.log."),
 ) -> None:
     """The whole pipeline on this machine: ingest, pretrain, meta-train, tune, register, prune."""
     from pipeline.apps.demo import run_demo
+    from pipeline.apps.terminal import route_output
 
-    run_demo(out_dir=out_dir, quick=quick, model_name=model_name, console=console, out=out)
+    log = None if verbose else out_dir.resolve() / "logs" / "demo.log"
+    if log is not None:
+        console.print(f"[dim]Ray and MLflow log lines go to {log} (--verbose shows them here)[/]", soft_wrap=True)
+    with route_output(log) as term:
+        progress, results = term.consoles() if log is not None else (console, out)
+        run_demo(out_dir=out_dir, quick=quick, model_name=model_name, console=progress, out=results, terminal=term)
 
 
 def main() -> None:  # pragma: no cover - console entry point

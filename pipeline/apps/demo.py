@@ -11,7 +11,9 @@ Stages (each timed, each with progress on the console):
 6. prune    the unseen target in a *fresh process* from ``models:/NAME@champion`` at 30% MACs,
             fine-tune briefly, and compare with the full network fine-tuned the same way.
 
-The report (Markdown table, stage times, plots) is printed and logged to an MLflow run.
+The report (Markdown table, stage times, plots) is printed and logged to an MLflow run. The
+`stamp demo` command routes Ray's and MLflow's own log lines to ``OUT/logs/demo.log``
+(:mod:`pipeline.apps.terminal`); the terminal shows the stages and the results.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.settings import get_settings
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from pipeline.apps.terminal import Terminal
 
 TARGET = "glyphs"  #: never a source: the pruner sees it for the first time in stage 6
 EXPERIMENT = "stamp-demo"
@@ -186,12 +191,16 @@ def _register_meta(result: Any, model_name: str, catalog_hash: str, preset: Demo
     return reg.version, moved
 
 
-def _prune_fresh_process(model_name: str, preset: DemoPreset, out_dir: Path) -> dict[str, Any]:
+def _prune_fresh_process(model_name: str, preset: DemoPreset, out_dir: Path, terminal: Terminal | None) -> dict[str, Any]:
     """`stamp prune` in a new interpreter: nothing of this process's state can leak into it."""
     cmd = [sys.executable, "-m", "pipeline.apps.cli", "prune", "--model", f"models:/{model_name}@champion",
            "--data", f"catalog:{TARGET}", "--macs-ratio", str(preset.macs_ratio),
            "--finetune-epochs", str(preset.finetune_epochs), "--out", str(out_dir)]
-    subprocess.run(cmd, check=True)
+    if terminal is not None and terminal.log_path is None:
+        cmd.append("--verbose")
+    # Its own report and progress are for the user: the terminal, not this process's log file.
+    streams = {} if terminal is None else {"stdout": terminal.out, "stderr": terminal.err}
+    subprocess.run(cmd, check=True, **streams)
     return json.loads((out_dir / "report.json").read_text())
 
 
@@ -246,8 +255,11 @@ def _log_report(report: dict[str, Any], full: dict[str, float], stages: dict[str
 
 
 def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner",
-             console: Console | None = None, out: Console | None = None) -> dict[str, Any]:
-    """Run every stage; returns the prune report, the full-net figures and the stage times."""
+             console: Console | None = None, out: Console | None = None, terminal: Terminal | None = None) -> dict[str, Any]:
+    """Run every stage; returns the prune report, the full-net figures and the stage times.
+
+    ``terminal``: where the fresh `stamp prune` process writes (see :mod:`pipeline.apps.terminal`).
+    """
     console = console or Console(stderr=True)
     out = out or Console()
     preset = PRESETS["quick" if quick else "full"]
@@ -263,21 +275,28 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     catalog_hash = Catalog.load(get_settings().catalog_url).content_hash()
     import ray
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         # A private local Ray; set RAY_ADDRESS to run the same stages on a cluster.
         ray.init(address=get_settings().ray_address or "local", num_cpus=None if get_settings().ray_address else 2,
                  include_dashboard=False, log_to_driver=True)
-    pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)", lambda: _pretrain(preset))
-    meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",
-                      lambda: _meta_train(preset, pre.backbone_dir))
-    tuned = stages.run("tune", f"tune KL weight and learning rates (Ray Tune, {preset.tune_trials} trials, ASHA)",
-                       lambda: _tune(preset, pre.backbone_dir, model_name))
+    try:
+        pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)", lambda: _pretrain(preset))
+        meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",
+                          lambda: _meta_train(preset, pre.backbone_dir))
+        tuned = stages.run("tune", f"tune KL weight and learning rates (Ray Tune, {preset.tune_trials} trials, ASHA)",
+                           lambda: _tune(preset, pre.backbone_dir, model_name))
+    finally:
+        if started_ray:
+            # Now, not at interpreter exit: shutting down prints the worker lines Ray still holds
+            # back for de-duplication, and the caller routes this process's output (terminal.py).
+            ray.shutdown()
     version, moved = stages.run("register", "register in MLflow; champion = best meta-validation accuracy",
                                 lambda: _register_meta(meta, model_name, catalog_hash, preset))
     console.print(f"meta-train pruner: version {version} (champion {'moved' if moved else 'kept'}); "
                   f"tune best: version {tuned.registered_version} (champion {'moved' if tuned.champion_moved else 'kept'})")
     report = stages.run("prune", f"prune '{TARGET}' in a fresh process from models:/{model_name}@champion",
-                        lambda: _prune_fresh_process(model_name, preset, out_dir / "pruned"))
+                        lambda: _prune_fresh_process(model_name, preset, out_dir / "pruned", terminal))
     full = stages.run("full_baseline", "fine-tune the full network the same way (reference)", lambda: _full_baseline(model_name, preset))
     stages.seconds["total"] = time.perf_counter() - t_start
 

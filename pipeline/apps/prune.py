@@ -8,7 +8,13 @@ fine-tunes with :func:`stamp_core.prune_for_task`, measures the result and write
     OUT/pruned_state_dict.pt   weights of the pruned net (load with weights_only=True)
     OUT/model.onnx             ONNX export, checked against PyTorch with onnxruntime
     OUT/model.torchscript.pt   TorchScript trace, checked against PyTorch
-    OUT/report.json, report.md accuracy, MACs, params, CPU latency, timings
+    OUT/report.json, report.md accuracy, MACs, params, CPU latency (and its thread count), timings;
+                               with ``compare_full`` also the full network fine-tuned the same way
+    OUT/kept_channels.png      channels kept per layer (the picture report.md shows)
+
+:func:`register_pruned` then logs that directory as its own MLflow model (``stamp prune
+--register NAME``): servable with ``mlflow models serve``, lineage in its version tags, the report
+as its description.
 
 Outputs are built in memory, written into a private staging directory inside OUT and renamed
 into place with ``spec.json`` last; an existing ``spec.json`` is removed before the renames. So a
@@ -48,13 +54,14 @@ from stamp_core import (
     TrainConfig,
     default_finetune,
     build_backbone_from_config,
+    prune_and_finetune,
+    load_pruned_model,
     count_macs_params,
     measure_latency,
     prepare_images,
     prune_for_task,
 )
 from pipeline.data import ArrayDataset
-from stamp_core.pruner import load_weights
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "pruned_state_dict.pt"
@@ -62,8 +69,9 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+KEPT_PLOT = "kept_channels.png"
 #: Renamed into place in this order; spec.json last so its presence means the rest is there.
-_COMMIT_ORDER = (WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, REPORT_JSON, REPORT_MD, SPEC_FILE)
+_COMMIT_ORDER = (WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, KEPT_PLOT, REPORT_JSON, REPORT_MD, SPEC_FILE)
 ONNX_OPSET = 17
 
 
@@ -110,6 +118,14 @@ class PruneReport:
     torchscript_max_abs_diff: float | None
     files: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    full_history: list[dict[str, float]] = field(default_factory=list)  #: the full network's fine-tune (``compare_full``)
+    pruner_version: str | None = None  #: registry version of the pruner (None: not from the registry)
+    dataset_sha256: str = ""  #: content hash of the data (pixels, labels, class names)
+    cpu_count: int | None = None  #: logical CPUs of the machine the latencies were measured on
+    #: The full network fine-tuned with the same settings (``compare_full``); None when not run.
+    full_accuracy_before_finetune: float | None = None
+    full_accuracy: float | None = None
+    full_finetune_seconds: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -136,14 +152,16 @@ class PruneReport:
             full, pruned = self.latency_ms.get(f"full_b{b}"), self.latency_ms.get(f"pruned_b{b}")
             return f"{full / pruned:.2f}x" if full and pruned else "n/a"
 
+        compared = self.full_finetune_seconds is not None
+        version = f" (version {self.pruner_version})" if self.pruner_version else ""
         lines = [
             f"# STAMP pruning report: {self.dataset}",
             "",
-            f"Pruner: `{self.pruner}`  ",
+            f"Pruner: `{self.pruner}`{version}  ",
             f"Budget: {self.macs_ratio_target:g} of the full net's MACs (round_to={self.round_to}), "
             f"seed {self.seed}, {self.finetune_epochs} fine-tune epoch(s)  ",
             f"Data: {self.num_classes} classes, {self.n_train} train / {self.n_test} test images; "
-            f"the set encoder read {self.sample_size}",
+            f"the set encoder read {self.sample_size}" + (f"; content sha256 `{self.dataset_sha256[:16]}`" if self.dataset_sha256 else ""),
             "",
             "| | full | pruned | ratio |",
             "|---|---:|---:|---:|",
@@ -152,10 +170,26 @@ class PruneReport:
             f"| CPU latency batch 1 (ms, {self.latency_threads} thread(s)) | {ms('full_b1')} | {ms('pruned_b1')} | {speedup(1)} |",
             f"| CPU latency batch 64 (ms, {self.latency_threads} thread(s)) | {ms('full_b64')} | {ms('pruned_b64')} | {speedup(64)} |",
             "",
-            "| accuracy (test) | |",
-            "|---|---:|",
-            f"| pruned, before fine-tune (prototype head) | {acc(self.accuracy_before_finetune)} |",
-            f"| pruned, after fine-tune | {acc(self.accuracy)} |",
+            f"Latencies: median wall time of one forward pass with torch limited to {self.latency_threads} "
+            f"thread(s)" + (f" on a machine with {self.cpu_count} logical CPUs" if self.cpu_count else "") + ".",
+            "",
+        ]
+        if compared:
+            lines += [
+                f"| accuracy (test), {self.finetune_epochs} fine-tune epoch(s) each | pruned | full |",
+                "|---|---:|---:|",
+                f"| before fine-tune (prototype head) | {acc(self.accuracy_before_finetune)} | {acc(self.full_accuracy_before_finetune)} |",
+                f"| after fine-tune | {acc(self.accuracy)} | {acc(self.full_accuracy)} |",
+                f"| fine-tune time (s) | {self.finetune_seconds:.2f} | {self.full_finetune_seconds:.2f} |",
+            ]
+        else:
+            lines += [
+                "| accuracy (test) | |",
+                "|---|---:|",
+                f"| pruned, before fine-tune (prototype head) | {acc(self.accuracy_before_finetune)} |",
+                f"| pruned, after fine-tune | {acc(self.accuracy)} |",
+            ]
+        lines += [
             "",
             "| time | seconds |",
             "|---|---:|",
@@ -168,6 +202,8 @@ class PruneReport:
             f"ONNX {_fmt_diff(self.onnx_max_abs_diff)}, TorchScript {_fmt_diff(self.torchscript_max_abs_diff)}.",
             "",
         ]
+        if KEPT_PLOT in self.files:
+            lines += [f"![channels kept per layer]({KEPT_PLOT})", ""]
         return "\n".join(lines)
 
 
@@ -180,11 +216,22 @@ def _fmt_diff(v: float | None) -> str:
 
 def resolve_pruner(source: StampPruner | str | os.PathLike[str]) -> tuple[StampPruner, str]:
     """A pruner and a printable description of where it came from."""
-    if isinstance(source, StampPruner):
-        return source, "in-memory"
-    from pipeline.registry import load_pruner, redact
+    pruner, where, _ = locate_pruner(source)
+    return pruner, where
 
-    return load_pruner(str(source)), redact(str(source))
+
+def locate_pruner(source: StampPruner | str | os.PathLike[str]) -> tuple[StampPruner, str, str | None]:
+    """A pruner, where it came from, and its registry version (None when not from the registry).
+
+    A ``models:/NAME@ALIAS`` URI is pinned to its version first, so the version recorded is the
+    one loaded even if the alias moves meanwhile.
+    """
+    if isinstance(source, StampPruner):
+        return source, "in-memory", None
+    from pipeline.registry import load_pruner, pin_model_uri, redact
+
+    pinned, version = pin_model_uri(str(source))
+    return load_pruner(pinned), redact(str(source)), version
 
 
 def resolve_data(data: ArrayDataset | str) -> ArrayDataset:
@@ -417,13 +464,14 @@ def prune_dataset(
     round_to: int = 1,
     seed: int = 0,
     sample_per_class: int = 20,
-    progress: bool = True,
+    progress: bool | Any = True,
     *,
     latency_threads: int = 1,
     export_onnx_model: bool = True,
     export_torchscript_model: bool = True,
     parity_atol: float = 1e-4,
     finetune: TrainConfig | None = None,
+    compare_full: bool = False,
 ) -> PruneReport:
     """Prune a registered pruner's backbone for ``data`` and write a deployable model to ``out_dir``.
 
@@ -438,12 +486,14 @@ def prune_dataset(
         round_to: keep a multiple of this many channels per layer.
         seed: picks the encoder's sample and seeds fine-tuning.
         sample_per_class: images per class the set encoder reads (capped by the pruner's max_support).
-        progress: print one line per step to stderr.
+        progress: print one line per step to stderr (True), to this rich Console, or not (False).
         latency_threads: torch threads during the latency measurement.
         export_onnx_model, export_torchscript_model: write and verify those exports.
         parity_atol: largest accepted logit difference of an export vs PyTorch (scaled by the
             largest logit when that exceeds 1).
         finetune: full fine-tune settings (its ``epochs`` and ``seed`` are overridden).
+        compare_full: also fine-tune the unpruned network with the same settings (same start:
+            BatchNorm recalibration + prototype head, same epochs, seed and data) and report both.
 
     Raises:
         ValueError: bad arguments or data. OutputDirError: output not writable or disk full.
@@ -457,7 +507,7 @@ def prune_dataset(
     staging = _open_output(out)  # before any work: a bad output directory fails in milliseconds
     try:
         say("loading pruner")
-        pruner, pruner_source = resolve_pruner(model_uri_or_pruner)
+        pruner, pruner_source, pruner_version = locate_pruner(model_uri_or_pruner)
         pruner.eval()
         say("loading data")
         ds = resolve_data(data)
@@ -492,6 +542,11 @@ def prune_dataset(
                 pruner, x_train, y_train, x_test, y_test, macs_ratio=ratio, finetune=cfg,
                 round_to=round_to, embedding=embedding,
             )
+            full_result = None
+            if compare_full:
+                say(f"fine-tuning the full network for comparison ({finetune_epochs} epoch(s))")
+                torch.manual_seed(seed)
+                full_result = prune_and_finetune(pruner.backbone, None, x_train, y_train, x_test, y_test, cfg)
         model = result.model.eval()
 
         say("measuring")
@@ -518,7 +573,9 @@ def prune_dataset(
             "num_classes": num_classes,
             "class_names": list(ds.class_names),
             "weights_sha256": _sha256(weights),
+            "image_shape": list(ds.image_shape),
         })
+        blobs[KEPT_PLOT] = _kept_plot_png(ds.name, spec)
         export_seconds = time.perf_counter() - t1
         report = PruneReport(
             out_dir=str(out), dataset=ds.name, pruner=pruner_source, class_names=list(ds.class_names),
@@ -531,7 +588,13 @@ def prune_dataset(
             export_seconds=export_seconds,
             total_seconds=embed_seconds + result.prune_seconds + result.finetune_seconds + export_seconds,
             onnx_max_abs_diff=onnx_diff, torchscript_max_abs_diff=ts_diff, history=result.history,
+            pruner_version=pruner_version, dataset_sha256=ds.content_sha256(), cpu_count=os.cpu_count(),
         )
+        if full_result is not None:
+            report.full_accuracy_before_finetune = full_result.accuracy_before_finetune
+            report.full_accuracy = full_result.accuracy
+            report.full_finetune_seconds = full_result.finetune_seconds
+            report.full_history = full_result.history
         report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
         blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
         blobs[REPORT_MD] = report.to_markdown().encode()
@@ -548,13 +611,22 @@ def prune_dataset(
     return report
 
 
-class _Progress:
-    """One line per step on stderr with the elapsed time; silent when disabled."""
+def _kept_plot_png(dataset: str, spec: PruneSpec) -> bytes:
+    from pipeline.plots import plot_kept_fractions
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    buf = io.BytesIO()
+    plot_kept_fractions({dataset: spec}).savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+class _Progress:
+    """One line per step with the elapsed time: on stderr, on a given console, or nowhere."""
+
+    def __init__(self, enabled: bool | Any) -> None:
+        self.enabled = bool(enabled)
         self.t0 = time.perf_counter()
-        self._console: Callable[[str], None] | None = None
+        # A rich Console given instead of True: print there (the CLI's terminal stream).
+        self._console: Callable[[str], None] | None = None if isinstance(enabled, bool) else enabled.print
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
@@ -564,6 +636,59 @@ class _Progress:
 
             self._console = Console(stderr=True, highlight=False).print
         self._console(f"[dim][{time.perf_counter() - self.t0:6.1f}s][/dim] {message}")
+
+
+# ----------------------------------------------------------------------------- registering
+
+
+def register_pruned(
+    report: PruneReport,
+    name: str,
+    alias: str | None = None,
+    *,
+    experiment: str | None = "stamp-prune",
+    tracking_uri: str | None = None,
+) -> Any:
+    """Register the pruned network ``report`` describes as its own MLflow model (``stamp prune --register``).
+
+    Lineage tags: pruner URI and version, dataset name and content hash, budget, fine-tune
+    settings; metric tags: real MACs ratio, accuracies (also the full network's when compared).
+    The version's description is report.md; report.md, report.json and the kept-channels PNG
+    are run artifacts under ``report/``. Returns the :class:`pipeline.registry.RegisteredModel`.
+    """
+    from pipeline.registry import log_pruned_model
+
+    out = Path(report.out_dir)
+    lineage = {
+        "pruner_uri": report.pruner,
+        "pruner_version": report.pruner_version,
+        "dataset": report.dataset,
+        "dataset_sha256": report.dataset_sha256,
+        "macs_ratio_target": report.macs_ratio_target,
+        "round_to": report.round_to,
+        "finetune_epochs": report.finetune_epochs,
+        "seed": report.seed,
+    }
+    metrics = {
+        "macs_ratio": report.macs_ratio,
+        "macs_pruned": report.macs_pruned,
+        "params_pruned": report.params_pruned,
+        "accuracy": report.accuracy,
+        "accuracy_before_finetune": report.accuracy_before_finetune,
+        "full_accuracy": report.full_accuracy,
+        "full_accuracy_before_finetune": report.full_accuracy_before_finetune,
+    }
+    return log_pruned_model(
+        out,
+        name=name,
+        alias=alias,
+        lineage=lineage,
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        description=(out / REPORT_MD).read_text(),
+        report_files=[out / f for f in (REPORT_MD, REPORT_JSON, KEPT_PLOT) if (out / f).is_file()],
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+    )
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -580,16 +705,4 @@ def load_pruned(out_dir: str | os.PathLike[str]) -> nn.Module:
     missing = [p.name for p in (spec_path, weights_path) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{out} is not a pruned model directory: missing {', '.join(missing)} (written by `stamp prune`)")
-    spec = PruneSpec.load(spec_path)
-    data = weights_path.read_bytes()
-    expected = spec.metadata.get("weights_sha256")
-    if expected is not None and expected != _sha256(data):
-        raise ValueError(f"{weights_path} does not belong to {spec_path} (sha256 mismatch): re-run `stamp prune`")
-    state = load_weights(io.BytesIO(data), "cpu", what=str(weights_path))
-    if "classifier.weight" not in state:
-        raise ValueError(f"{weights_path} has no classifier.weight: not a STAMP backbone state_dict")
-    model = build_backbone_from_config(spec.backbone)
-    spec.apply(model)
-    model.reset_classifier(int(state["classifier.weight"].shape[0]))
-    model.load_state_dict(state)
-    return model.eval()
+    return load_pruned_model(spec_path, weights_path)

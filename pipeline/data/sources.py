@@ -12,7 +12,9 @@ procedural datasets whose families need different features (orientation/frequenc
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import dataclasses
@@ -80,6 +82,20 @@ class ArrayDataset:
     def image_shape(self) -> tuple[int, int, int]:
         h, w, c = self.x_train.shape[1:]
         return int(h), int(w), int(c)
+
+    def content_sha256(self) -> str:
+        """sha256 of the pixels, labels and class names of every split (not of the name or source).
+
+        The same images and labels give the same hash whatever they were loaded from, so a model
+        registered from this data can be traced to it.
+        """
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.class_names).encode())
+        for split in ("train", "test"):
+            for array in (getattr(self, f"x_{split}"), getattr(self, f"y_{split}")):
+                digest.update(f"{split}:{array.dtype.str}:{array.shape}".encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     @property
     def splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

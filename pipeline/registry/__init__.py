@@ -13,6 +13,11 @@ Registry state is expressed with aliases (``champion``) and version tags (lineag
 MLflow's stages are deprecated. Every failure a user can cause (unreachable server, unknown
 model, alias or version) raises :class:`RegistryError` naming what exists instead.
 
+A network pruned by `stamp prune` is registered the same way as its own model
+(:func:`log_pruned_model`, pyfunc file ``pruned_pyfunc_model``: uint8 NHWC images in, class scores
+out; state_dict + PruneSpec JSON, the ONNX export as an artifact). Both models serve with
+``mlflow models serve -m models:/NAME@ALIAS --env-manager local``.
+
 Modules: ``connection`` (tracking URI, reachability probe, redaction, RegistryError), ``lineage``
 (version tags), ``versions`` (lookups, aliases, promotion), ``register`` (log and register,
 register from a training checkpoint), ``loading`` (load without pyfunc), ``pyfunc_model`` (the
@@ -27,8 +32,9 @@ from pipeline.registry.lineage import (
     config_hash,
     lineage_tags,
     package_version,
+    version_tags,
 )
-from pipeline.registry.loading import load_pruner
+from pipeline.registry.loading import load_pruner, pin_model_uri
 from pipeline.registry.pyfunc_model import (
     DEFAULT_MACS_RATIO,
     DEFAULT_ROUND_TO,
@@ -38,13 +44,16 @@ from pipeline.registry.pyfunc_model import (
     read_params,
     split_model_input,
 )
+from pipeline.registry.pruned import PRUNED_MODEL_ARTIFACT_NAME, log_pruned_model, pruned_signature
 from pipeline.registry.register import (
     DEFAULT_MODEL_NAME,
     MODEL_ARTIFACT_NAME,
     PYFUNC_MODEL_FILE,
+    RegisteredModel,
     RegisteredPruner,
     ensure_experiment,
     log_pruner,
+    open_run,
     pruner_signature,
     register_from_checkpoint,
 )
@@ -61,11 +70,13 @@ from pipeline.registry.versions import (
 __all__ = [
     "RegistryError", "check_tracking_uri", "redact", "resolve_tracking_uri", "use_tracking_uri",
     "LINEAGE_TAG_PREFIX", "METRIC_TAG_PREFIX", "code_version", "config_hash", "lineage_tags", "package_version",
-    "load_pruner",
+    "version_tags",
+    "load_pruner", "pin_model_uri",
     "DEFAULT_MACS_RATIO", "DEFAULT_ROUND_TO", "PRUNER_ARTIFACT", "StampPrunerModel", "generate_spec", "read_params",
     "split_model_input",
-    "DEFAULT_MODEL_NAME", "MODEL_ARTIFACT_NAME", "PYFUNC_MODEL_FILE", "RegisteredPruner", "ensure_experiment",
-    "log_pruner", "pruner_signature", "register_from_checkpoint",
+    "PRUNED_MODEL_ARTIFACT_NAME", "log_pruned_model", "pruned_signature",
+    "DEFAULT_MODEL_NAME", "MODEL_ARTIFACT_NAME", "PYFUNC_MODEL_FILE", "RegisteredModel", "RegisteredPruner",
+    "ensure_experiment", "log_pruner", "open_run", "pruner_signature", "register_from_checkpoint",
     "CHAMPION", "get_version", "get_version_by_alias", "list_versions", "promote_if_better", "set_alias",
     "version_metric",
 ]

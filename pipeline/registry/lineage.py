@@ -94,13 +94,17 @@ def lineage_tags(pruner: StampPruner, lineage: Mapping[str, Any] | None, metrics
     Mapping-valued lineage items (a training config) become ``lineage.<key>_hash``; their
     scrubbed JSON is logged as a run artifact instead, since tags are for searching.
     """
-    tags = {
-        "stamp.code_version": code_version(),
-        "stamp.package_version": package_version(),
+    return {
         "stamp.pruner_version": pruner.config.version,
         "stamp.backbone": str(pruner.backbone.config.get("name")),
         "stamp.image_size": str(pruner.config.image_size),
+        **version_tags(lineage, metrics),
     }
+
+
+def version_tags(lineage: Mapping[str, Any] | None, metrics: Mapping[str, float] | None) -> dict[str, str]:
+    """Code and package version, ``lineage.<key>`` for each lineage item, ``metric.<name>`` for each metric."""
+    tags = {"stamp.code_version": code_version(), "stamp.package_version": package_version()}
     for key, value in (lineage or {}).items():
         if isinstance(value, Mapping):
             tags[f"{LINEAGE_TAG_PREFIX}{key}_hash"] = config_hash(value)

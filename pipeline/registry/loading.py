@@ -87,6 +87,22 @@ def _load_local(path: Path) -> StampPruner:
     )
 
 
+def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """``(models:/NAME/N, N)`` for ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION|latest``; else ``(uri, None)``.
+
+    Loading the pinned URI afterwards reads exactly the version that is recorded, even if the
+    alias moves in between.
+    """
+    if not uri.startswith("models:/"):
+        return uri, None
+    name, alias, version = _parse_models_uri(uri)
+    if alias is None and version is None:
+        return uri, None  # a logged model id: not a registry version
+    client, turi = _client(tracking_uri)
+    mv = _require_alias(client, name, alias, turi) if alias is not None else _require_version(client, name, str(version), turi)
+    return f"models:/{name}/{mv.version}", str(mv.version)
+
+
 def load_pruner(uri: str | Path, tracking_uri: str | None = None) -> StampPruner:
     """Load a pruner without pyfunc (no code from the artifact store runs; weights_only=True).
 

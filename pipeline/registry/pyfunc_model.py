@@ -16,7 +16,11 @@ was ``pipeline/pyfunc_model.py`` load unchanged. Keep the file name.
 Inference contract (through ``mlflow.pyfunc.load_model(uri).predict``):
 
 * input: uint8 images ``(N, H, W, C)`` (C in {1, 3}); the registered signature declares exactly
-  this, and MLflow rejects anything else before it reaches :meth:`StampPrunerModel.predict`;
+  this, and MLflow rejects anything else before it reaches :meth:`StampPrunerModel.predict`.
+  Over HTTP (``mlflow models serve``, ``{"inputs": [...], "params": {...}}``) JSON carries no
+  dtype and MLflow casts the numbers to uint8: out-of-range integers are refused by MLflow,
+  floats are truncated, so a set whose pixels are all 0 or 1 (floats in [0, 1] after the cast)
+  is refused here with a message saying so;
 * params: ``macs_ratio`` (float in (0, 1], default 0.5), ``round_to`` (int >= 1, default 1) and
   ``labels`` (one class id per image, default ``[]`` = label-free pooling). Labels travel as a
   param because an MLflow tensor signature cannot have an optional second input;
@@ -93,6 +97,13 @@ def split_model_input(model_input: Any) -> tuple[np.ndarray, np.ndarray | None]:
     if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] not in (1, 3):
         raise ValueError(
             f"images have shape {images.shape}: expected (N, H, W, C) with C = 1 (grayscale) or 3 (RGB)"
+        )
+    if np.issubdtype(images.dtype, np.integer) and int(images.max()) <= 1:
+        # Float pixels in [0, 1] sent as JSON reach the model cast to the signature's uint8,
+        # i.e. truncated to 0: refuse such a set instead of pruning for black images.
+        raise ValueError(
+            "every pixel is 0 or 1: expected uint8 pixels in 0..255 (float pixels in [0, 1] sent as JSON "
+            "are cast to uint8 and become 0: send them multiplied by 255)"
         )
     return images, _check_labels(labels, images.shape[0])
 

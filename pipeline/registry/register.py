@@ -39,8 +39,8 @@ _REQUIREMENTS = ("mlflow", "torch", "torch-pruning", "numpy", "pandas")
 
 
 @dataclass(frozen=True)
-class RegisteredPruner:
-    """Where a logged pruner lives."""
+class RegisteredModel:
+    """Where a logged model (a pruner, or a network it pruned) lives."""
 
     name: str  #: registered model name
     version: str | None  #: registry version; None when logged with ``register=False``
@@ -52,6 +52,9 @@ class RegisteredPruner:
         """``models:/NAME/VERSION`` when registered, else the logged model URI."""
         return f"models:/{self.name}/{self.version}" if self.version else self.model_uri
 
+
+#: The name the pruner's callers know; the same record.
+RegisteredPruner = RegisteredModel
 
 # ----------------------------------------------------------------------------- logging
 
@@ -170,6 +173,22 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
         return client.create_experiment(name, artifact_location=location)
 
 
+def open_run(run_id: str | None, experiment_id: str | None, run_name: str) -> Any:
+    """The run to log into: ``run_id``, else the caller's active run (left open), else a new run.
+
+    ``mlflow.start_run`` begins the run when called, not when entered: call this only once
+    nothing local can fail any more.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        return mlflow.start_run(run_id=run_id, nested=active is not None)
+    if active is not None:
+        return nullcontext(active)  # the caller's run: theirs to end
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
 def _log_pruner(
     client: Any,
     pruner: StampPruner,
@@ -193,16 +212,8 @@ def _log_pruner(
         tmp_path = Path(tmp)
         pruner_dir = pruner.save(tmp_path / PRUNER_ARTIFACT)
         code_dir = _stage_code(tmp_path / "code")
-        # start_run begins the run when called, not when entered: only now that nothing local
-        # can fail any more, so a failure never leaves a dangling active run behind.
-        active = mlflow.active_run()
-        if run_id is not None and (active is None or active.info.run_id != run_id):
-            run_ctx: Any = mlflow.start_run(run_id=run_id, nested=active is not None)
-        elif active is not None:
-            run_ctx = nullcontext(active)  # the caller's run: theirs to end
-        else:
-            run_ctx = mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-log")
-        with run_ctx as run:
+        # Only now that nothing local can fail any more: a failure never leaves a dangling run.
+        with open_run(run_id, experiment_id, f"{name}-log") as run:
             if params:
                 mlflow.log_params({str(k): _param_value(k, v) for k, v in params.items()})
             if metrics:

@@ -1,5 +1,7 @@
 """The embedded local stack behind `stamp stack up|down|status`: SeaweedFS (S3), an MLflow server, a Ray head.
 
+``ModelServer`` runs `mlflow models serve` for one registered model (not part of `stack up`).
+
 ``services`` holds one class per service (start, health check, stop by ownership record),
 ``stack`` composes them under one state directory, ``procs`` is the process plumbing (spawn with
 a marker, ownership records, stop by pid, free ports) that both use and the tests reuse.
@@ -14,6 +16,7 @@ from pipeline.stack.services import (
     LOOPBACK,
     SEAWEED_GRPC_OFFSET,
     MlflowServer,
+    ModelServer,
     Progress,
     RayHead,
     S3Credentials,
@@ -37,7 +40,7 @@ from pipeline.stack.stack import (
 __all__ = [
     "procs",
     "DEFAULT_MLFLOW_PORT", "DEFAULT_RAY_DASHBOARD_PORT", "DEFAULT_RAY_PORT", "DEFAULT_S3_PORT", "LOOPBACK",
-    "SEAWEED_GRPC_OFFSET", "MlflowServer", "Progress", "RayHead", "S3Credentials", "SeaweedFS", "SeaweedPorts",
+    "SEAWEED_GRPC_OFFSET", "MlflowServer", "ModelServer", "Progress", "RayHead", "S3Credentials", "SeaweedFS", "SeaweedPorts",
     "Service", "StackError",
     "ServiceInfo", "ServiceStatus", "StackConfig", "StackInfo", "StackPaths", "StackStatus", "stack_down",
     "stack_status", "stack_up",

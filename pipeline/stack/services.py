@@ -1,4 +1,4 @@
-"""The services of the embedded stack: SeaweedFS (S3), an MLflow server, a Ray head.
+"""The services of the embedded stack: SeaweedFS (S3), an MLflow server, a Ray head (and a model server).
 
 Each :class:`Service` is one process tree we start, health-check and stop by the ownership
 record (pid, process group, a marker in its environment) written under the stack's state
@@ -394,6 +394,65 @@ class MlflowServer(Service):
 
     def healthy(self) -> bool:
         return _http_ok(f"{self.tracking_uri}/health")
+
+
+class ModelServer(Service):
+    """`mlflow models serve` of one model on loopback (local env manager), for tests and local use.
+
+    MLflow's own command, unchanged: what a downstream team runs by hand. The scoring server it
+    launches (``uvicorn``) is looked up on PATH, so the venv's bin directory goes first there.
+    The model is fetched through ``tracking_uri``; an MLflow server that proxies artifacts means
+    no S3 keys are needed here.
+    """
+
+    name = "model-server"
+    label = "MLflow model server"
+    port_hint = "pass another port"
+
+    def __init__(
+        self,
+        model_uri: str,
+        port: int,
+        log_path: Path,
+        tracking_uri: str | None = None,
+        workers: int = 1,
+        record: procs.ProcRecord | None = None,
+    ) -> None:
+        super().__init__(log_path, record)
+        self.model_uri = model_uri
+        self.port = port
+        self.tracking_uri = tracking_uri
+        self.workers = workers
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def invocations_url(self) -> str:
+        return f"{self.endpoint}/invocations"
+
+    def ports(self) -> list[tuple[str, int]]:
+        return [("model scoring HTTP", self.port)]
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "models", "serve",
+            "-m", self.model_uri,
+            "--env-manager", "local",
+            "--host", LOOPBACK,
+            "--port", str(self.port),
+            "--workers", str(self.workers),
+        ]
+
+    def child_env(self, marker: str) -> dict[str, str]:
+        extra = {"PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}
+        if self.tracking_uri:
+            extra["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        return procs.service_env(marker=marker, extra=extra)
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.endpoint}/ping")
 
 
 class RayHead(Service):

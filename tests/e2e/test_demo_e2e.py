@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+
+#: A line of Ray's or MLflow's own logging: worker output Ray forwards ("(RayTrainWorker pid=12)"),
+#: C++ log lines ("core_worker.cc:2465"), Python log records ("INFO worker.py:", "INFO mlflow.").
+LIBRARY_LINE = re.compile(
+    r"\((?:\w+ )?pid=\d+|\.cc:\d+|\b(?:INFO|WARNING|ERROR|DEBUG)\b.*(?:\w\.py:\d+|mlflow\.\w)|raylet|PreemptionWatcher"
+)
 
 
 def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) -> None:
@@ -36,6 +43,14 @@ def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) ->
     for name in ("spec.json", "pruned_state_dict.pt", "model.onnx", "model.torchscript.pt", "report.md"):
         assert (out / "pruned" / name).is_file(), name
     assert "STAMP pruned" in (out / "demo_report.md").read_text()
+
+    # Quiet by default: no line of Ray's (or MLflow's) own logging reaches the terminal; they are
+    # in the log file whose path the demo printed, not lost.
+    shown = [line for line in (done.stdout + done.stderr).splitlines() if LIBRARY_LINE.search(line)]
+    assert not shown, shown[:10]
+    log = out / "logs" / "demo.log"
+    assert str(log) in " ".join(done.stderr.split())  # rich may fold a long path
+    assert LIBRARY_LINE.search(log.read_text())
 
     # The spec is real: rebuilt from JSON on a fresh backbone, its MACs are what the report says.
     spec = PruneSpec.load(out / "pruned" / "spec.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def pruned(tmp_path_factory: pytest.TempPathFactory, pruner_dir: Path, dataset: 
 def test_writes_every_file_and_nothing_else(pruned: tuple[PruneReport, Path]) -> None:
     _, out = pruned
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["spec.json", "pruned_state_dict.pt", "model.onnx", "model.torchscript.pt", "report.json", "report.md"]
+        ["spec.json", "pruned_state_dict.pt", "model.onnx", "model.torchscript.pt", "report.json", "report.md",
+         "kept_channels.png"]
     )
 
 
@@ -90,6 +92,12 @@ def test_spec_and_report_describe_a_net_within_budget(pruned: tuple[PruneReport,
     md = (out / "report.md").read_text()
     for needle in ("MACs (one image)", "CPU latency batch 64", "after fine-tune", "data in hand -> deployable"):
         assert needle in md
+    # The thread count behind the latencies, and the kept-channels picture next to report.md.
+    assert f"torch limited to 1 thread(s) on a machine with {os.cpu_count()} logical CPUs" in md
+    assert "![channels kept per layer](kept_channels.png)" in md
+    assert (out / "kept_channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["dataset_sha256"] == dataset.content_sha256() and saved["full_accuracy"] is None
+    assert "| pruned | full |" not in md  # no comparison unless asked for
 
     # The reloaded weights are the evaluated ones: same test accuracy as the report.
     x_test = prepare_images(dataset.x_test, 32)
