@@ -59,6 +59,8 @@ class ClusterSpec:
     job_env: dict[str, str] = field(default_factory=dict)
     fast_failure_detection: bool = False
     timeout_s: float = 120.0
+    #: tries per worker node start (see :meth:`LocalCluster.add_worker`).
+    start_attempts: int = 3
 
 
 class LocalCluster:
@@ -103,8 +105,8 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         """Start the head and ``spec.workers`` worker nodes; wait until every node is alive."""
         try:
-            self.head.start(self.spec.timeout_s)
             self._started.append(self.head)
+            self._start_node(self.head)
             for _ in range(self.spec.workers):
                 self.add_worker(wait=False)
             self.wait_for_nodes(1 + self.spec.workers)
@@ -120,11 +122,22 @@ class LocalCluster:
         node = RayWorkerNode(self.head, name, self.session_root / name, self.root / "logs" / f"ray-{name}.log",
                              num_cpus=self.spec.cpus_per_node, node=self._shape(name))
         self._started.append(node)
-        node.start(self.spec.timeout_s)
+        self._start_node(node)
         self.workers.append(node)
         if wait:
             self.wait_for_nodes(len(self.alive_workers()) + 1)
         return node
+
+    def _start_node(self, node: RayHead | RayWorkerNode) -> None:
+        for attempt in range(1, self.spec.start_attempts + 1):
+            try:
+                node.start(self.spec.timeout_s)
+                return
+            except StackError:
+                # `ray start` gives a new raylet a fixed 30 s to register with the GCS, which a
+                # heavily loaded machine can exceed; the failed start stopped its own processes.
+                if attempt == self.spec.start_attempts:
+                    raise
 
     def alive_workers(self) -> list[RayWorkerNode]:
         return [w for w in self.workers if w.is_running()]
@@ -217,3 +230,68 @@ class LocalCluster:
             pid = svc.record.pid if svc.record and svc.is_running() else None
             lines.append(f"  {svc.name:<10} {'running' if pid else 'stopped':<8} pid {pid}  log {svc.log_path}")
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m pipeline.stack.cluster`: a multi-node cluster next to a running embedded stack
+
+
+def stack_job_env(state_dir: Path) -> dict[str, str]:
+    """The variables a node needs to reach the embedded stack in ``state_dir`` (S3, MLflow, outputs)."""
+    from pipeline.settings import DEFAULT_REGION, get_settings, load_stack_credentials
+
+    load_stack_credentials(state_dir)
+    settings = get_settings()
+    if not settings.s3_endpoint or not os.environ.get("AWS_ACCESS_KEY_ID"):
+        raise StackError(f"no running stack in {state_dir} (S3 endpoint or credentials missing): run `stamp stack up`")
+    return {
+        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        "AWS_ENDPOINT_URL_S3": settings.s3_endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION),
+        "MLFLOW_TRACKING_URI": settings.mlflow_uri,
+        "STAMP_BUCKET": settings.bucket,
+        "STAMP_HOME": str(state_dir),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start a head plus worker nodes wired to the running stack; stop them all on Ctrl-C / SIGTERM."""
+    import argparse
+
+    from pipeline.settings import state_dir_from_env
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.stack.cluster",
+        description="A Ray head plus N worker nodes on 127.0.0.1 (separate `ray start` processes) that reach "
+                    "the embedded stack's S3 and MLflow; runs until interrupted, then stops exactly its processes.")
+    parser.add_argument("--nodes", type=int, default=2, help="nodes in all, head included (default 2)")
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error("--nodes must be >= 1")
+    state_dir = state_dir_from_env()
+    cluster = LocalCluster(ClusterSpec(root=state_dir / "cluster", workers=args.nodes - 1,
+                                       cpus_per_node=args.cpus_per_node, job_env=stack_job_env(state_dir)))
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with cluster:
+        print(cluster.describe())
+        env = " ".join(f"{k}={v}" for k, v in cluster.client_env().items())
+        print(f"submit jobs with:\n  {env} ray job submit --working-dir . -- python jobs/meta_train.py "
+              "--config jobs/configs/meta_train_small.yaml storage_path=s3://BUCKET/ray_results "
+              "scaling.placement_strategy=STRICT_SPREAD\nCtrl-C stops the cluster.", flush=True)
+        while not stop:
+            time.sleep(0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
