@@ -189,6 +189,8 @@ def two_node_cluster(seaweedfs: SeaweedFS, mlflow_server: str, tmp_path_factory:
         "AWS_DEFAULT_REGION": DEFAULT_REGION,
         "MLFLOW_TRACKING_URI": mlflow_server,
         "STAMP_HOME": str(root / "stamp-home"),
+        # Ray Train's run/attempt/worker records in the dashboard: which node each worker ran on.
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     }
     cluster = LocalCluster(ClusterSpec(root=root, workers=1, cpus_per_node=2, job_env=job_env,
                                        fast_failure_detection=True, timeout_s=240))

@@ -125,10 +125,16 @@ def _summary(logs: str) -> dict[str, Any]:
 def _train_run_nodes(cluster: LocalCluster, run: str) -> list[list[str]]:
     """Per attempt of Ray Train run ``run``: the node label of every worker, by rank."""
     names = {n["node_id"]: n.get("labels", {}).get(NODE_LABEL, "?") for n in cluster.nodes()}
-    runs = [r for r in _get(cluster, "/api/train/v2/runs")["train_runs"] if r["name"] == run]
-    assert len(runs) == 1, [r["name"] for r in _get(cluster, "/api/train/v2/runs")["train_runs"]]
+    all_runs = _train_runs(cluster)
+    runs = [r for r in all_runs if r["name"] == run]
+    assert len(runs) == 1, [r["name"] for r in all_runs]
     return [[names[w["node_id"]] for w in sorted(a["workers"], key=lambda w: w["world_rank"])]
             for a in sorted(runs[0]["attempts"], key=lambda a: a["start_time_ns"])]
+
+
+def _train_runs(cluster: LocalCluster) -> list[dict[str, Any]]:
+    """Ray Train V2 runs the head knows (the fixture turns RAY_TRAIN_ENABLE_STATE_TRACKING on)."""
+    return list(_get(cluster, "/api/train/v2/runs/v1")["train_runs"])
 
 
 def _s3_json(seaweedfs: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -151,7 +157,10 @@ def _load_pruner(seaweedfs: Any, bucket: str, run: str, step: int, dest: Path) -
     prefix = f"ray/{run}/{CHECKPOINT_PREFIX}{step:08d}/"
     client = seaweedfs.client()
     for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
-        target = dest / obj["Key"][len(prefix):]
+        rel = obj["Key"][len(prefix):]
+        if not rel or rel.endswith("/"):  # directory markers
+            continue
+        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
     return StampPruner.load(dest)
@@ -215,7 +224,7 @@ def test_local_storage_path_on_the_cluster_fails_fast_with_the_reason(
     assert "this Ray cluster has 2 nodes" in logs and "s3://" in logs
     assert "exit code 2" in (info.get("message") or ""), info
     # Refused before any worker started: no Train run of that name exists.
-    assert not [r for r in _get(two_node_cluster, "/api/train/v2/runs")["train_runs"] if r["name"] == "local-storage"]
+    assert not [r for r in _train_runs(two_node_cluster) if r["name"] == "local-storage"]
     assert time.monotonic() - start < 120
 
 
