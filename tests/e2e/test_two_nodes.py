@@ -25,7 +25,9 @@ from pipeline.stack.cluster import NODE_LABEL, LocalCluster
 from stamp_core import StampPruner
 from tests.pipeline.training._jobs import ingest_sources
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+# The first test also pays for starting the cluster (module fixture): on a loaded 2-core machine
+# that alone has taken minutes, so the per-test limit is above the suite's default 600 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
