@@ -179,7 +179,8 @@ class LocalCluster:
         """Variables a `ray job submit` client (or an attached driver) needs; paths, no secrets."""
         return {**self.head.client_env(), "RAY_ADDRESS": self.dashboard_url}
 
-    def _get(self, path: str) -> Any:
+    def api(self, path: str) -> Any:
+        """GET ``path`` from the head's dashboard (jobs, nodes, Train runs) with the cluster's token."""
         token = self.head.token_path.read_text().strip()
         req = urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -187,7 +188,7 @@ class LocalCluster:
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node the head knows (alive and dead), from the dashboard's state API."""
-        data = self._get("/api/v0/nodes?limit=1000&detail=true")
+        data = self.api("/api/v0/nodes?limit=1000&detail=true")
         return list(data["data"]["result"]["result"])
 
     def alive_node_names(self) -> list[str]:

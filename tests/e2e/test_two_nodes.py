@@ -9,14 +9,15 @@ test kills the worker node, so it comes last.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 
@@ -89,28 +90,19 @@ def _client_cmd(cluster: LocalCluster, job: str, overrides: list[str], no_wait: 
 
 def _client_env(cluster: LocalCluster) -> dict[str, str]:
     """A user's shell: the cluster's client variables, no S3 or MLflow secrets (the nodes hold those)."""
-    import os
-
     drop = ("RAY_", "AWS_", "MLFLOW_", "STAMP_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     return {**env, **cluster.client_env()}
 
 
-def _get(cluster: LocalCluster, path: str) -> Any:
-    token = cluster.head.token_path.read_text().strip()
-    req = urllib.request.Request(f"{cluster.dashboard_url}{path}", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read().decode())
-
-
 def _job_logs(cluster: LocalCluster, job: str) -> str:
-    return str(_get(cluster, f"/api/jobs/{job}/logs").get("logs", ""))
+    return str(cluster.api(f"/api/jobs/{job}/logs").get("logs", ""))
 
 
 def _wait_job(cluster: LocalCluster, job: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        info = _get(cluster, f"/api/jobs/{job}")
+        info = cluster.api(f"/api/jobs/{job}")
         if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
             return info
         assert time.monotonic() < deadline, f"job {job} still {info['status']} after {timeout:.0f} s"
@@ -136,7 +128,7 @@ def _train_run_nodes(cluster: LocalCluster, run: str) -> list[list[str]]:
 
 def _train_runs(cluster: LocalCluster) -> list[dict[str, Any]]:
     """Ray Train V2 runs the head knows (the fixture turns RAY_TRAIN_ENABLE_STATE_TRACKING on)."""
-    return list(_get(cluster, "/api/train/v2/runs/v1")["train_runs"])
+    return list(cluster.api("/api/train/v2/runs/v1")["train_runs"])
 
 
 def _s3_json(seaweedfs: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -189,8 +181,6 @@ def test_cluster_has_two_labelled_nodes_with_the_stack_env(two_node_cluster: Loc
     # Every node's processes carry the stack's S3 endpoint (what their workers inherit).
     for svc in (two_node_cluster.head, *two_node_cluster.workers):
         assert svc.record is not None
-        import psutil
-
         env = psutil.Process(svc.record.pid).environ()
         assert env["AWS_ENDPOINT_URL_S3"] == seaweedfs.endpoint_url
         assert env["AWS_ACCESS_KEY_ID"] == seaweedfs.credentials.access_key_id
