@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.training.driver import check_locations_reach_every_node, node_local_locations, scaling_config
+from pipeline.training.driver import check_locations_reach_every_node, node_local_locations, scaling_config, torch_config
 from tests.pipeline.training._jobs import tiny_meta_config
 
 S3 = {"storage_path": "s3://b/ray", "mlflow": {"enabled": True, "tracking_uri": "http://127.0.0.1:5000"}}
@@ -47,3 +47,26 @@ def test_scaling_config_carries_the_placement_strategy() -> None:
     assert (sc.num_workers, sc.placement_strategy) == (2, "STRICT_SPREAD")
     with pytest.raises(ValueError, match="placement_strategy"):
         tiny_meta_config("s3://b/c.json", scaling={"placement_strategy": "EVERYWHERE"})
+
+
+def test_gpu_runs_use_nccl_and_cpu_runs_gloo() -> None:
+    cpu = tiny_meta_config("s3://b/c.json")
+    gpu = tiny_meta_config("s3://b/c.json", scaling={"use_gpu": True})
+    assert torch_config(cpu).backend == "gloo"
+    assert torch_config(gpu).backend == "nccl"
+    assert scaling_config(gpu).use_gpu and scaling_config(gpu).resources_per_worker["GPU"] == 1
+
+
+def test_the_benchmark_takes_device_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from tests.benchmarks.bench_meta_train import parse_args
+
+    assert parse_args(["--precision", "bf16"]).device == "cpu"
+    if torch.cuda.is_available():
+        assert parse_args(["--device", "cuda"]).device == "cuda"
+        return
+    with pytest.raises(SystemExit) as exit_info:  # accepted, then refused because no GPU is visible
+        parse_args(["--device", "cuda", "--precision", "bf16"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device is visible to torch" in capsys.readouterr().err
