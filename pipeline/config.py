@@ -171,6 +171,9 @@ class ScalingSection(_Strict):
     num_workers: int = Field(1, ge=1, le=1024)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    #: Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts every worker on
+    #: its own node (a run then needs num_workers nodes, and a lost node is a lost worker).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class MlflowSection(_Strict):
@@ -242,6 +245,9 @@ class OptimSection(_Strict):
     #: "relaxed" (v1): sampled soft masks + KL + budget penalty; "deployed" (v2): the calibrated
     #: hard mask, inner_steps of fine-tuning on the support set, CE on the query batch.
     objective: Literal["relaxed", "deployed"] = "relaxed"
+    #: "bf16": meta-training losses under bfloat16 autocast (GPUs with bf16; on CPU it is slower);
+    #: weights, gradients and the optimizer stay float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
     #: max global gradient norm (stamp_core's meta_train_step also clips at 5, hence the cap).
     grad_clip: float = Field(5.0, gt=0, le=5.0)
 

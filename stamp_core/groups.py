@@ -88,8 +88,16 @@ class PrunableStructure:
 
     @property
     def device(self) -> torch.device:
-        """Where the cost model's tensors live (CPU unless a trainer moved them next to its gates)."""
+        """Where the cost model's tensors live (the pruner's device: :class:`StampPruner` moves them)."""
         return self._coeff.device
+
+    def to(self, device: torch.device | str) -> "PrunableStructure":
+        """Move the cost model's tensors to ``device`` (dtypes kept: MACs are counted in float64)."""
+        device = torch.device(device)
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(self, name, value.to(device))
+        return self
 
     def macs(self, kept: torch.Tensor) -> torch.Tensor:
         """MACs when group ``g`` keeps ``kept[g]`` channels (float, differentiable, any dtype)."""

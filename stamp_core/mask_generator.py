@@ -89,7 +89,7 @@ class RunningStandardize(nn.Module):
             with torch.no_grad():
                 self.num_tasks += 1
                 m = max(1.0 / float(self.num_tasks), self.momentum)
-                delta = x.detach().reshape(-1, x.shape[-1]).mean(0) - self.running_mean
+                delta = x.detach().reshape(-1, x.shape[-1]).mean(0).to(self.running_mean.dtype) - self.running_mean
                 self.running_mean.add_(m * delta)
                 if int(self.num_tasks) > 1:
                     self.running_var.lerp_(delta * delta, m)
@@ -130,8 +130,9 @@ class TaskStandardize(nn.Module):
             with torch.no_grad():
                 self.num_batches += 1
                 m = max(1.0 / float(self.num_batches), self.momentum)
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_scale.lerp_(scale.detach(), m)
+                # Statistics stay float32 whatever autocast computed the batch in (bf16).
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), m)
             return centred / (scale + self.eps)
         return (x - self.running_mean) / (self.running_scale + self.eps)
 

@@ -48,6 +48,7 @@ class Episode:
 
 
 OBJECTIVES = ("relaxed", "deployed")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -70,12 +71,18 @@ class MetaConfig:
     #: batch; gradients reach the scores straight through the hard gates; the budget penalty on
     #: the keep probabilities' expected MACs keeps them from saturating.
     objective: str = "relaxed"
+    #: "bf16": the meta-batch loss runs under ``torch.autocast(bfloat16)`` on the pruner's device
+    #: (convolutions and matmuls in bf16; weights, gradients and the optimizer stay float32);
+    #: "fp32": no autocast.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.budget_penalty not in ("two_sided", "upper"):
             raise ValueError(f"budget_penalty={self.budget_penalty!r}: expected 'two_sided' or 'upper'")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
 @contextlib.contextmanager
@@ -353,7 +360,8 @@ def meta_train_step(
     cfg = cfg or MetaConfig()
     batch = [episodes] if isinstance(episodes, Episode) else list(episodes)
     optimizer.zero_grad(set_to_none=True)
-    loss, parts, adapted = meta_batch_loss(pruner, batch, cfg)
+    with torch.autocast(pruner.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, parts, adapted = meta_batch_loss(pruner, batch, cfg)
     loss.backward()
     for net in adapted:
         apply_first_order_grads(pruner, net)

@@ -172,6 +172,18 @@ class StampPruner(nn.Module):
     def group_names(self) -> list[str]:
         return [g.name for g in self.structure.groups]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the pruner's weights (and with them its cost model) live."""
+        return next(self.parameters()).device
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "StampPruner":
+        # Every device move of the module (.to, .cuda, .cpu) takes the MACs cost model along:
+        # the budget penalty multiplies gate sums with it on the gates' device.
+        super()._apply(fn, recurse)
+        self.structure.to(self.device)
+        return self
+
     # ------------------------------------------------------------------ inputs
     def check_images(self, images: torch.Tensor | np.ndarray, labels: Sequence[int] | torch.Tensor | np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate a set for the encoder; returns ``(images, labels)`` as tensors.
@@ -211,6 +223,11 @@ class StampPruner(nn.Module):
         if (y < 0).any():
             raise ValueError("labels contain negative values: expected class ids >= 0")
         return x, y.long()
+
+    def _on_device(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (and labels) on the pruner's device: callers pass CPU tensors or numpy arrays."""
+        device = self.device
+        return x.to(device), None if y is None else y.to(device)
 
     def select_support(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
         """Indices of a deterministic class-balanced subset of at most ``max_support`` images."""
@@ -317,7 +334,7 @@ class StampPruner(nn.Module):
         r = _check_ratio(macs_ratio)
         if not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to={round_to!r}: expected a positive integer")
-        x, y = self.check_images(images, labels)
+        x, y = self._on_device(*self.check_images(images, labels))
         was_training = self.training
         self.eval()
         try:
@@ -343,7 +360,7 @@ class StampPruner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            summaries = [self.summarize(*self.check_images(images, labels)) for images, labels in tasks]
+            summaries = [self.summarize(*self._on_device(*self.check_images(images, labels))) for images, labels in tasks]
         finally:
             self.train(was_training)
         return TaskSummary.mean(summaries)
@@ -437,7 +454,7 @@ def calibrate_masks(
     Every group keeps at least one channel (``round_to`` of them when rounding).
     """
     sizes = [len(p) for p in probs]
-    scores = torch.cat([p.detach().double().flatten() for p in probs]).numpy()
+    scores = torch.cat([p.detach().double().flatten().cpu() for p in probs]).numpy()
     group_of = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])
     rel_pos = np.concatenate([np.arange(n) / n for n in sizes])
     order = np.lexsort((rel_pos, -scores))  # primary: score desc; secondary: relative position
@@ -489,7 +506,7 @@ def spec_from_kept(
     """The PruneSpec keeping ``kept[g]`` channels of group ``g``, with exact MACs and params."""
     if len(kept) != structure.num_groups:
         raise ValueError(f"got kept channels for {len(kept)} groups: expected {structure.num_groups}")
-    counts = torch.tensor([len(k) for k in kept], dtype=torch.float64)
+    counts = torch.tensor([len(k) for k in kept], dtype=torch.float64, device=structure.device)
     return PruneSpec(
         backbone=dict(backbone_config),
         input_shape=structure.input_shape,

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,39 @@ def unprivileged_prefix() -> list[str]:
     if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
         pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: no directory is read-only")
     return prefix
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(seaweedfs: SeaweedFS, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Ray head and one worker node, each its own `ray start` processes on 127.0.0.1.
+
+    Both nodes carry the session's S3 endpoint and credentials and the MLflow URI in their
+    environment (a real cluster's Secret), 2 logical CPUs each, the label ``stamp-node=<name>``
+    and the resource ``stamp-node-<name>``. Lost nodes are noticed in ~3 s (fast health checks).
+    Module-scoped: a test may kill a node and add one (``add_worker``); everything the cluster
+    started is stopped by pid at the end, and no process carrying its markers may survive.
+    """
+    from pipeline.settings import DEFAULT_REGION
+    from pipeline.stack.cluster import ClusterSpec, LocalCluster
+
+    root = tmp_path_factory.mktemp("two-node")
+    job_env = {
+        **seaweedfs.credentials.env(),
+        "AWS_ENDPOINT_URL_S3": seaweedfs.endpoint_url,
+        "MLFLOW_S3_ENDPOINT_URL": seaweedfs.endpoint_url,
+        "AWS_DEFAULT_REGION": DEFAULT_REGION,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "STAMP_HOME": str(root / "stamp-home"),
+        # Ray Train's run/attempt/worker records in the dashboard: which node each worker ran on.
+        "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+    }
+    cluster = LocalCluster(ClusterSpec(root=root, workers=1, cpus_per_node=2, job_env=job_env,
+                                       fast_failure_detection=True, timeout_s=240))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        markers = [svc.record.marker for svc in [cluster.head, *cluster.workers] if svc.record]
+        cluster.stop()
+        leftovers = [p.pid for m in markers for p in procs.processes_with_marker(m)]
+        assert not leftovers, f"processes of the two-node cluster survived stop(): {leftovers}"

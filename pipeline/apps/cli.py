@@ -106,6 +106,22 @@ def stack_up(
     out.print(info.summary())
 
 
+@stack_app.command("cluster")
+@_friendly
+def stack_cluster(
+    nodes: int = typer.Option(2, min=1, help="Ray nodes in all, head included."),
+    cpus_per_node: int = typer.Option(1, min=1, help="Logical CPUs each node offers."),
+) -> None:
+    """Run a multi-node Ray cluster on 127.0.0.1 next to the running stack, until Ctrl-C.
+
+    The head and each worker node are separate `ray start` processes with the stack's S3 and
+    MLflow settings; on Ctrl-C exactly those processes are stopped. Submit with the printed command.
+    """
+    from pipeline.stack.cluster import main as _cluster
+
+    raise typer.Exit(_cluster(["--nodes", str(nodes), "--cpus-per-node", str(cpus_per_node)]))
+
+
 @stack_app.command("down")
 @_friendly
 def stack_down() -> None:

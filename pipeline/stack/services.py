@@ -472,6 +472,7 @@ class RayHead(Service):
         num_cpus: int | None = None,
         record: procs.ProcRecord | None = None,
         job_env: dict[str, str] | None = None,
+        node: NodeShape | None = None,
     ) -> None:
         super().__init__(log_path, record)
         self.port = port
@@ -483,6 +484,7 @@ class RayHead(Service):
         # credentials and the MLflow URI, so jobs and attached drivers' workers can reach them.
         # Process environments are readable by the same user only; never logged.
         self.job_env = dict(job_env or {})
+        self.node = node or NodeShape()
 
     @property
     def address(self) -> str:
@@ -556,21 +558,10 @@ class RayHead(Service):
         ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        return cmd
+        return cmd + self.node.flags()
 
     def child_env(self, marker: str) -> dict[str, str]:
-        base = dict(os.environ)
-        for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
-            base.pop(name, None)
-        extra = {
-            **self.job_env,
-            # Includes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray rewrites
-            # --node-ip-address=127.0.0.1 to the routable IP and binds every interface.
-            **self.client_env(),
-            # Jobs run `python` from PATH: make that the project's venv.
-            "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        return procs.service_env(base, marker=marker, extra=extra)
+        return _ray_node_env(marker, self.job_env, self.client_env(), self.node)
 
     def healthy(self) -> bool:
         token = self._token()
@@ -583,29 +574,150 @@ class RayHead(Service):
             return
         self.check_ports()
         self.ensure_token()
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        marker = procs.new_marker(self.name)
-        popen = procs.spawn(self.command(), env=self.child_env(marker), log_path=self.log_path)
-        self._popen = popen
-        # `ray start` daemonises and exits; its daemons keep its process group (its pid).
-        pgid = popen.pid
-        self.record = procs.ProcRecord(self.name, pgid, pgid, 0.0, marker, "ray")
-        code: int | None
-        try:
-            code = popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        gcs = [p for p in procs.owned_processes(self.record) if p.name() == "gcs_server"]
-        if code != 0 or not gcs:
-            self._fail(f"`ray start` did not finish within {timeout:.0f} s" if code is None else "failed")
-            return
-        self.record = procs.record_for(self.name, gcs[0].pid, pgid, marker)
-        self._popen = None
+        _start_ray_node(self, "gcs_server", timeout)
         if not self.wait_healthy(timeout):
             self._fail(f"dashboard did not answer within {timeout:.0f} s")
 
     def stop_order(self, proc: psutil.Process) -> int:
         return _ray_stop_order(proc)
+
+
+class RayWorkerNode(Service):
+    """One more Ray node (`ray start --address=HEAD`) on loopback: its own raylet, resources and label.
+
+    Several of them next to a :class:`RayHead` make a multi-node cluster on one machine, the way
+    Ray's own tests do it. Each node keeps its own temp (session) directory. The ownership record
+    names the node's raylet, so a test can take the node away by that pid.
+    """
+
+    label = "Ray worker node"
+
+    def __init__(
+        self,
+        head: RayHead,
+        name: str,
+        temp_dir: Path,
+        log_path: Path,
+        num_cpus: int,
+        node: NodeShape | None = None,
+        record: procs.ProcRecord | None = None,
+    ) -> None:
+        super().__init__(log_path, record)
+        self.head = head
+        self.name = name  # type: ignore[misc] - per instance: every node has its own records
+        self.temp_dir = temp_dir
+        self.num_cpus = num_cpus
+        self.node = node or NodeShape()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.head.address} ({self.name})"
+
+    def ports(self) -> list[tuple[str, int]]:
+        return []  # every port of a worker node is chosen by the OS
+
+    def secrets(self) -> list[str]:
+        return self.head.secrets()
+
+    def command(self) -> list[str]:
+        # `ray start`, minus the guard that refuses to join with the loopback-only switch at 0.
+        launcher = Path(__file__).with_name("ray_worker_start.py")
+        return [
+            sys.executable,
+            str(launcher),
+            "start",
+            f"--address={self.head.address}",
+            f"--node-ip-address={LOOPBACK}",
+            f"--num-cpus={self.num_cpus}",
+            "--node-manager-port=0",
+            "--object-manager-port=0",
+            "--dashboard-agent-listen-port=0",
+            "--dashboard-agent-grpc-port=0",
+            "--runtime-env-agent-port=0",
+            "--metrics-export-port=0",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            *self.node.flags(),
+        ]
+
+    def child_env(self, marker: str) -> dict[str, str]:
+        return _ray_node_env(marker, self.head.job_env, self.head.client_env(), self.node)
+
+    def healthy(self) -> bool:
+        return self.is_running()
+
+    @property
+    def raylet_pid(self) -> int | None:
+        """The pid of this node's raylet (what a node-loss test kills), None when it is not running."""
+        return self.record.pid if self.is_running() and self.record else None
+
+    def start(self, timeout: float = 120.0) -> None:
+        if self.is_running():
+            return
+        if not self.head.is_running():
+            raise StackError(f"{self.label} {self.name}: the Ray head at {self.head.address} is not running")
+        _start_ray_node(self, "raylet", timeout)
+
+    def stop_order(self, proc: psutil.Process) -> int:
+        return _ray_stop_order(proc)
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What a Ray node offers besides CPUs: custom resources and labels (for placement)."""
+
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    #: extra variables of the node's processes (e.g. Ray's RAY_health_check_* system settings).
+    env: dict[str, str] = field(default_factory=dict)
+
+    def flags(self) -> list[str]:
+        out: list[str] = []
+        if self.resources:
+            out.append(f"--resources={json.dumps(self.resources, sort_keys=True)}")
+        if self.labels:
+            out.append("--labels=" + ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+        return out
+
+
+def _ray_node_env(marker: str, job_env: dict[str, str], client_env: dict[str, str], node: NodeShape) -> dict[str, str]:
+    base = dict(os.environ)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
+        base.pop(name, None)
+    extra = {
+        **job_env,
+        **node.env,
+        # Includes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: without it Ray rewrites
+        # --node-ip-address=127.0.0.1 to the routable IP and binds every interface.
+        **client_env,
+        # Jobs run `python` from PATH: make that the project's venv.
+        "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return procs.service_env(base, marker=marker, extra=extra)
+
+
+def _start_ray_node(svc: RayHead | RayWorkerNode, main_process: str, timeout: float) -> None:
+    """Run `ray start` (it daemonises and exits) and record the node's ``main_process`` by pid."""
+    svc.temp_dir.mkdir(parents=True, exist_ok=True)
+    marker = procs.new_marker(svc.name)
+    popen = procs.spawn(svc.command(), env=svc.child_env(marker), log_path=svc.log_path)
+    svc._popen = popen
+    # The daemons keep the process group of `ray start` (its pid).
+    pgid = popen.pid
+    svc.record = procs.ProcRecord(svc.name, pgid, pgid, 0.0, marker, "ray")
+    code: int | None
+    try:
+        code = popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    main = [p for p in procs.owned_processes(svc.record) if p.name() == main_process]
+    if code != 0 or not main:
+        svc._fail(f"`ray start` did not finish within {timeout:.0f} s" if code is None else "failed")
+        return
+    svc.record = procs.record_for(svc.name, main[0].pid, pgid, marker)
+    svc._popen = None
 
 
 def _ray_stop_order(proc: psutil.Process) -> int:

@@ -95,7 +95,66 @@ def scaling_config(cfg: MetaTrainConfig | PretrainConfig) -> Any:
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources, placement_strategy=cfg.scaling.placement_strategy)
+
+
+def torch_config(cfg: MetaTrainConfig | PretrainConfig) -> Any:
+    """Ray's ``TorchConfig``: NCCL between GPU workers, gloo between CPU workers."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo")
+
+
+def node_local_locations(cfg: MetaTrainConfig | PretrainConfig) -> dict[str, str]:
+    """The config's locations (after :func:`pin_locations`) that only the driver's machine can reach.
+
+    Keys are config keys; values the local path (or the local MLflow store) they hold.
+    """
+    found: dict[str, str] = {}
+    if cfg.storage_path and not cfg.storage_path.startswith("s3://"):
+        found["storage_path"] = cfg.storage_path
+    if cfg.data.catalog_url and "://" not in cfg.data.catalog_url:
+        found["data.catalog_url"] = cfg.data.catalog_url
+    pretrained = getattr(cfg, "pretrained", "none")
+    if pretrained != "none" and not pretrained.startswith("s3://"):
+        found["pretrained"] = pretrained
+    uri = cfg.mlflow.tracking_uri
+    if cfg.mlflow.enabled and uri and urlsplit(uri).scheme not in ("http", "https", "databricks"):
+        found["mlflow.tracking_uri"] = uri
+    return found
+
+
+def check_locations_reach_every_node(cfg: MetaTrainConfig | PretrainConfig, nodes: int) -> None:
+    """Refuse node-local paths when the run spans (or may span) several Ray nodes.
+
+    On one node a local directory is shared by every worker; on a cluster each node has its own
+    disk, so a checkpoint written there is invisible to the node that replaces a lost one and a
+    catalog there is missing on the other nodes. ``nodes`` is the number of alive Ray nodes;
+    ``STRICT_SPREAD`` with more than one worker counts as several nodes whatever the cluster has now.
+    """
+    spread = cfg.scaling.placement_strategy == "STRICT_SPREAD" and cfg.scaling.num_workers > 1
+    if nodes <= 1 and not spread:
+        return
+    local = node_local_locations(cfg)
+    if not local:
+        return
+    where = f"this Ray cluster has {nodes} nodes" if nodes > 1 else "scaling.placement_strategy=STRICT_SPREAD"
+    items = "; ".join(f"{key}: {value}" for key, value in local.items())
+    raise ConfigError(
+        f"{', '.join(local)}: node-local location(s) on a multi-node run ({where}): {items}. Each node has "
+        "its own disk, so workers on other nodes cannot read these and a node that replaces a lost one "
+        "cannot find the checkpoints. Use URLs every node reaches: storage_path=s3://BUCKET/ray_results, "
+        "data.catalog_url=s3://BUCKET/datasets/catalog.json, pretrained=s3://..., an http(s) MLflow server"
+    )
+
+
+def alive_ray_nodes() -> int:
+    """Alive nodes of the Ray cluster this process is attached to (0 when Ray is not initialized)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def local_root(kind: str, name: str) -> Path:

@@ -52,7 +52,18 @@ from pipeline.data import (
 )
 from pipeline.training.context import RayContext, WorkerContext, WorkerSetup, emit, peak_rss_mb, set_threads
 from pipeline.training.distributed import allreduce_grads, average_buffers, broadcast_state, is_distributed, mean_over_ranks
-from pipeline.training.driver import fit, load_catalog, local_root, pin_locations, resolve_sources, s3_endpoint, scaling_config
+from pipeline.training.driver import (
+    alive_ray_nodes,
+    check_locations_reach_every_node,
+    fit,
+    load_catalog,
+    local_root,
+    pin_locations,
+    resolve_sources,
+    s3_endpoint,
+    scaling_config,
+    torch_config,
+)
 from pipeline.training.tracking import Tracker, start_mlflow_run
 from pipeline.training.validation import ValTask, build_val_tasks, log_run_plots, meta_validate
 from stamp_core import MetaConfig, PruneSpec, StampPruner, build_backbone, make_optimizer, meta_train_step
@@ -75,16 +86,6 @@ def build_pruner(cfg: MetaTrainConfig) -> StampPruner:
                 f"pretrained: {cfg.pretrained} holds a {backbone.config['name']} backbone but backbone={cfg.backbone}"
             )
     return StampPruner.create(backbone, image_size=cfg.data.image_size, **kwargs)
-
-
-def _structure_to(pruner: StampPruner, device: torch.device) -> None:
-    """Move the MACs cost model's tensors next to the gates (stamp_core keeps them on CPU)."""
-    if device.type == "cpu":
-        return
-    s = pruner.structure
-    for name, value in list(vars(s).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(s, name, value.to(device))
 
 
 def _inject_fault(cfg: MetaTrainConfig, ctx: WorkerContext, step: int) -> None:
@@ -148,8 +149,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     if state is not None and state.get("config_hash") != config_hash and ctx.rank == 0:
         log.warning("run %s resumes with a changed configuration (hash %s -> %s)",
                     cfg.run_name, state.get("config_hash", "?")[:12], config_hash[:12])
-    pruner.to(device)
-    _structure_to(pruner, device)
+    pruner.to(device)  # stamp_core moves the MACs cost model along
     pruner.train()
     o = cfg.optim
     optimizer = make_optimizer(pruner, lr=o.lr, backbone_lr=o.backbone_lr, weight_decay=o.weight_decay)
@@ -168,7 +168,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     mlflow_run_id = setup.mlflow_run_id or (state or {}).get("mlflow_run_id")
     meta_cfg = MetaConfig(kl_weight=o.kl_weight, macs_weight=o.macs_weight, head_scale=o.head_scale,
                           inner_steps=o.inner_steps, inner_lr=o.inner_lr, label_free_prob=o.label_free_prob,
-                          budget_penalty=o.budget_penalty, objective=o.objective)
+                          budget_penalty=o.budget_penalty, objective=o.objective, precision=o.precision)
     # The hook all-reduces, then clips with the configured norm (meta_train_step's own 5.0 clip
     # comes after it and is a no-op for grad_clip <= 5, which the config enforces).
     grad_hook = _make_grad_hook(ctx, o.grad_clip)
@@ -428,6 +428,8 @@ def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: 
     from ray.train.torch import TorchTrainer
 
     cfg, setup, catalog = prepare_meta_train(cfg)
+    # Before the MLflow run and any worker: a node-local path on a cluster is a config error.
+    check_locations_reach_every_node(cfg, alive_ray_nodes())
     name = name or cfg.run_name
     cfg.run_name = name
     storage = cfg.storage_path or resolved_storage_path(None)
@@ -446,6 +448,7 @@ def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: 
         _meta_train_loop_ray,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup)},
         scaling_config=scaling_config(cfg),
+        torch_config=torch_config(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=path,

@@ -38,7 +38,18 @@ from pipeline.data import (
 )
 from pipeline.training.context import RayContext, WorkerContext, WorkerSetup, emit, set_threads
 from pipeline.training.distributed import broadcast_state, is_distributed, mean_over_ranks
-from pipeline.training.driver import fit, load_catalog, local_root, pin_locations, resolve_sources, s3_endpoint, scaling_config
+from pipeline.training.driver import (
+    alive_ray_nodes,
+    check_locations_reach_every_node,
+    fit,
+    load_catalog,
+    local_root,
+    pin_locations,
+    resolve_sources,
+    s3_endpoint,
+    scaling_config,
+    torch_config,
+)
 from pipeline.training.tracking import Tracker, start_mlflow_run
 from stamp_core import Backbone, build_backbone, evaluate_accuracy, prepare_images, random_shift
 from stamp_core.pruner import load_weights
@@ -255,6 +266,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     cfg, setup, labels, catalog = prepare_pretrain(cfg)
+    check_locations_reach_every_node(cfg, alive_ray_nodes())
     storage = cfg.storage_path or resolved_storage_path(None)
     prior = latest_run_checkpoint(storage, cfg.run_name)
     run_id = start_mlflow_run(cfg, "pretrain", cfg.run_name, (prior[1] if prior else {}).get("mlflow_run_id"),
@@ -265,6 +277,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         _pretrain_loop_ray,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup), "labels": labels},
         scaling_config=scaling_config(cfg),
+        torch_config=torch_config(cfg),
         run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),

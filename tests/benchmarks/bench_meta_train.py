@@ -19,6 +19,11 @@ compute and framework cost, not network. Ray runs on a private local instance.
 Usage::
 
     python tests/benchmarks/bench_meta_train.py [--backbone resnet18] [--steps 6] [--json out.json]
+    python tests/benchmarks/bench_meta_train.py --device cuda [--precision bf16]   # 1 worker per GPU
+
+With ``--device cuda`` the in-process loop runs on ``cuda:0`` and the Ray runs use one GPU per
+worker (``scaling.use_gpu``, NCCL); the 2-worker run needs two GPUs and is skipped with fewer.
+Peak GPU memory per worker is reported for CUDA runs.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def _config(args: argparse.Namespace, catalog: str, storage: str, name: str, wor
         episodes={"ways": [args.ways, args.ways], "support_per_class": args.support_per_class,
                   "query_size": args.query_size},
         validation={"enabled": False},
-        scaling={"num_workers": workers, "cpus_per_worker": cpus},
+        optim={"precision": args.precision},
+        scaling={"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": args.device == "cuda"},
         max_failures=0,
         mlflow={"enabled": False},
     ))
@@ -83,7 +89,8 @@ def _figures(label: str, reports: list[dict[str, Any]], wall: float | None, work
     return out
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's arguments; ``--device cuda`` without a visible GPU is an error that says so."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
@@ -95,9 +102,21 @@ def main() -> int:
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--prefetch", type=int, default=2, help="episodes assembled ahead by a thread (0 = in the loop)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the workers train")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the losses")
+    args = parser.parse_args(argv)
     if args.steps < 2 or args.steps % 2:
         parser.error("--steps must be even and >= 2")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
 
     root = Path(tempfile.mkdtemp(prefix="stamp-bench-"))
     os.environ.setdefault("STAMP_HOME", str(root / "home"))
@@ -109,9 +128,12 @@ def main() -> int:
 
     rows = []
     cfg, setup, _ = prepare_meta_train(_config(args, catalog, str(root / "ray"), "inproc", 1, args.cpus))
-    ctx = LocalContext(root / "inproc")
+    ctx = LocalContext(root / "inproc", device="cuda:0" if args.device == "cuda" else "cpu")
     meta_train_worker(cfg, ctx, setup)
-    rows.append(_figures(f"in-process ({args.cpus} threads)", ctx.reports, None, 1))
+    where = "cuda:0" if args.device == "cuda" else f"{args.cpus} threads"
+    rows.append(_figures(f"in-process ({where})", ctx.reports, None, 1))
+    if args.device == "cuda":
+        rows[-1]["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(rows[-1]), file=sys.stderr)
 
     if not args.skip_ray:
@@ -121,9 +143,14 @@ def main() -> int:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)  # keep ~/.ray untouched
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
+                 include_dashboard=False, log_to_driver=False)
         try:
+            gpus = torch.cuda.device_count() if args.device == "cuda" else 0
             for workers in (1, 2):
+                if args.device == "cuda" and workers > gpus:
+                    print(f"skipping {workers} GPU workers: {gpus} GPU(s) visible", file=sys.stderr)
+                    continue
                 cpus = args.cpus / workers
                 name = f"ray-{workers}x{cpus:g}cpu"
                 t = time.perf_counter()
@@ -137,7 +164,8 @@ def main() -> int:
             ray.shutdown()
 
     shape = (f"{args.backbone} @ {args.image_size}x{args.image_size}, {args.ways}-way, "
-             f"{args.support_per_class}/class support, query {args.query_size}, {args.steps} steps")
+             f"{args.support_per_class}/class support, query {args.query_size}, {args.steps} steps, "
+             f"{args.device} {args.precision}")
     print(f"\nMeta-training throughput: {shape}\n")
     print("| config | episodes/s | s/step | data wait | peak RSS/worker (MB) | job wall (s) | fixed overhead (s) |")
     print("|---|---|---|---|---|---|---|")
