@@ -226,9 +226,9 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                       "skipped_samples": float(skipped),
                       "peak_rss_mb": peak_rss_mb(), "worker_elapsed_s": now - worker_start,
                       "loop_elapsed_s": now - loop_start, "open_streams_peak": sampler.stats["open_streams_peak"],
-                      **counts.metrics()})
+                      "s3_gets": sampler.stats["gets"], **counts.metrics()})
         agg = mean_over_ranks(local, ctx, device, sums=("_wait_s", "_step_s", "_steps", "skipped_samples",
-                                                        *counts.metrics()),
+                                                        "s3_gets", *counts.metrics()),
                                maxes=("peak_rss_mb", "_wall", "worker_elapsed_s", "loop_elapsed_s",
                                       "open_streams_peak"))
         metrics: dict[str, Any] = {k: v for k, v in agg.items() if not k.startswith("_")}
