@@ -85,14 +85,28 @@ def _config(args: argparse.Namespace, catalog_url: str, storage: str, name: str,
     ))
 
 
+def _report_log(path: Path) -> Any:
+    """A Ray Train callback appending every report (rank 0's: metrics are already aggregated over
+    ranks) to a JSON-lines file; it runs in the Train controller, on this machine."""
+    from ray.train import UserCallback
+
+    class _Log(UserCallback):  # type: ignore[misc]
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
+
+    return _Log()
+
+
 def _run(args: argparse.Namespace, catalog_url: str, storage: str, label: str, sources: list[str],
          i: int) -> dict[str, Any]:
     cfg = _config(args, catalog_url, storage, f"{label}-{i}-{secrets.token_hex(3)}", sources)
+    log = Path(storage) / f"{cfg.run_name}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_meta_train(cfg)
+    run_meta_train(cfg, callbacks=[_report_log(log)])
     wall = time.perf_counter() - t0
-    frame = result.result.metrics_dataframe
-    rows = frame.to_dict("records") if frame is not None else [result.metrics]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
     timed = rows[1:] if len(rows) > 1 else rows
     last = rows[-1]
     episodes = sum(last.get(f"episodes.{n}", 0.0) for n in sources)
