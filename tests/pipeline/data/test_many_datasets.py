@@ -119,7 +119,7 @@ def _run(catalog_url: str, rank: int, max_open: int, port: int,
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(3 + 2 * rank + (max_open > 3)))
     before = _connections_to(port)
     sampler = EpisodeSampler(
-        catalog_url, ways=(2, 3), support_per_class=3, query_size=8, steps_per_epoch=12, seed=1,
+        catalog_url, ways=(2, 3), support_per_class=3, query_size=8, steps_per_epoch=20, seed=1,
         rank=rank, world_size=2, max_open_streams=max_open,
     )
     episodes: list[Episode] = []
