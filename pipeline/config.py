@@ -117,6 +117,11 @@ class DataConfig(_Strict):
     loader_workers: int = Field(0, ge=0, le=32)
     #: episodes assembled ahead by a background thread, overlapping the training step (0 = off).
     prefetch: int = Field(2, ge=0, le=64)
+    #: dataset streams (each one open S3 connection) a reader process keeps open at once. Each worker
+    #: reads only its share of the sources (about len(sources) / workers, the sampling weights kept
+    #: exactly over the job); beyond this bound, drawing another dataset closes the least recently
+    #: used stream, which later resumes where it stopped with one ranged GET.
+    max_open_streams: int = Field(8, ge=1, le=1024)
 
     @field_validator("catalog_url")
     @classmethod

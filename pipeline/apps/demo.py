@@ -2,9 +2,10 @@
 
 Stages (each timed, each with progress on the console):
 
-1. ingest   source datasets (scikit-learn digits + procedural families) and one unseen target
-            as WebDataset shards + catalog.json on S3;
-2. pretrain the backbone on the union of the sources (Ray Train, 2 workers);
+1. ingest   the demo source suite (``jobs/configs/sources/suite_demo.yaml``: 8 class subsets and
+            domain-shifted variants of 4 procedural families) and one unseen target as WebDataset
+            shards + catalog on S3 (a re-run uploads nothing new);
+2. pretrain the backbone on the union of the suite's datasets (Ray Train, 2 workers);
 3. meta-train the STAMP pruner from it (Ray Train, 2 workers, episodes streamed from S3);
 4. tune     a small Ray Tune sweep (ASHA) over the KL weight and learning rates;
 5. register both candidates in MLflow; ``champion`` goes to the better meta-validation accuracy;
@@ -37,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 TARGET = "glyphs"  #: never a source: the pruner sees it for the first time in stage 6
 EXPERIMENT = "stamp-demo"
+#: the source suite every training stage uses (suites refuse the held-out TARGET)
+SUITE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "sources" / "suite_demo.yaml"
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,8 @@ class DemoPreset:
     """Sizes of one demo run; ``quick`` is what the end-to-end test runs."""
 
     name: str
-    n_per_class: int  #: training images per class of each procedural dataset
-    test_per_class: int  #: test images per class (meta-validation needs shots + 10)
-    sources: tuple[str, ...]
+    n_per_class: int  #: training images per class of the target
+    test_per_class: int  #: test images per class of the target
     width: int  #: small_cnn width
     pretrain_epochs: int
     meta_steps: int
@@ -60,9 +62,9 @@ class DemoPreset:
 # Steps are meta-batches of episodes.per_step (default 2) episodes: 120 steps read about the 250 episodes
 # the demo read when a step was one episode, so its time stays where it was.
 PRESETS = {
-    "full": DemoPreset("full", n_per_class=250, test_per_class=50, sources=("digits", "stripes", "blobs", "shapes", "textures"),
+    "full": DemoPreset("full", n_per_class=250, test_per_class=50,
                        width=32, pretrain_epochs=3, meta_steps=120, tune_steps=30, tune_trials=2, finetune_epochs=3),
-    "quick": DemoPreset("quick", n_per_class=80, test_per_class=20, sources=("digits", "stripes", "shapes"),
+    "quick": DemoPreset("quick", n_per_class=80, test_per_class=20,
                         width=16, pretrain_epochs=1, meta_steps=10, tune_steps=6, tune_trials=2, finetune_epochs=1,
                         validation_tasks=2),
 }
@@ -99,19 +101,26 @@ def _check_services() -> None:
         mlflow.search_experiments(max_results=1)
 
 
-def _ingest(preset: DemoPreset) -> list[str]:
-    from pipeline.data import ingest_source
+def _sources() -> list[str]:
+    """The suite's dataset names (reads and validates the suite file only)."""
+    from pipeline.data import load_suite
 
-    dest = get_settings().datasets_url
-    names = []
-    for src in (*preset.sources, TARGET):
-        spec = "digits" if src == "digits" else f"procedural:{src}?n={preset.n_per_class}&test={preset.test_per_class}"
-        names.append(ingest_source(spec, dest, name=src, shard_size=1000).name)
-    return names
+    return [d.name for d in load_suite(SUITE).datasets]
+
+
+def _ingest(preset: DemoPreset) -> list[str]:
+    from pipeline.data import ingest_source, ingest_suite, load_suite
+
+    settings = get_settings()
+    report = ingest_suite(load_suite(SUITE), settings.datasets_url, catalog_url=settings.catalog_url, jobs=1,
+                          progress=False)
+    spec = f"procedural:{TARGET}?n={preset.n_per_class}&test={preset.test_per_class}"
+    target = ingest_source(spec, settings.datasets_url, name=TARGET, shard_size=1000).name
+    return [*report.built, *report.skipped, target]
 
 
 def _data_section(preset: DemoPreset) -> dict[str, Any]:
-    return {"sources": list(preset.sources), "image_size": 32, "catalog_url": get_settings().catalog_url}
+    return {"sources": _sources(), "weighting": "base", "image_size": 32, "catalog_url": get_settings().catalog_url}
 
 
 def _common(preset: DemoPreset, stage: str, workers: int) -> dict[str, Any]:
@@ -184,7 +193,7 @@ def _register_meta(result: Any, model_name: str, catalog_hash: str, preset: Demo
     metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("val_") and isinstance(v, (int, float))}
     reg = registry.log_pruner(
         result.load_pruner(), name=model_name, metrics=metrics,
-        lineage={"sources": list(preset.sources), "catalog_hash": catalog_hash, "stage": "demo meta-train"},
+        lineage={"sources": _sources(), "catalog_hash": catalog_hash, "stage": "demo meta-train"},
         run_id=result.mlflow_run_id, experiment=EXPERIMENT,
     )
     moved = registry.promote_if_better(model_name, reg.version, OBJECTIVE) if OBJECTIVE in metrics else False
@@ -269,7 +278,7 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     t_start = time.perf_counter()
 
     stages.run("check", "services (S3, MLflow)", _check_services)
-    stages.run("ingest", f"ingest sources {', '.join(preset.sources)} + unseen target {TARGET} to S3", lambda: _ingest(preset))
+    stages.run("ingest", f"ingest the source suite {SUITE.name} + unseen target {TARGET} to S3", lambda: _ingest(preset))
     from pipeline.data import Catalog
 
     catalog_hash = Catalog.load(get_settings().catalog_url).content_hash()

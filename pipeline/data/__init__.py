@@ -48,7 +48,15 @@ from pipeline.data.checkpoints import (
     write_json_atomic,
     write_meta_checkpoint,
 )
-from pipeline.data.episodes import WEIGHTINGS, EpisodeSampler, Prefetcher, dataset_weights
+from pipeline.data.episodes import (
+    WEIGHTINGS,
+    DatasetShare,
+    EpisodeCounts,
+    EpisodeSampler,
+    Prefetcher,
+    assign_datasets,
+    dataset_weights,
+)
 from pipeline.data.ingest import (
     DEFAULT_SHARD_SIZE,
     SHARD_NAME_RE,
@@ -93,6 +101,7 @@ from pipeline.data.transforms import TRANSFORMS, TRANSFORMS_VERSION, TransformPa
 from pipeline.data.streams import (
     STAT_KEYS,
     DataQualityError,
+    ConnectionGauge,
     Sample,
     SampleStream,
     ShardAssignment,
@@ -111,7 +120,8 @@ __all__ = [
     "STATE_FILE", "checkpoint_to_local", "download_prefix", "latest_run_checkpoint", "load_backbone_dir",
     "load_pretrained_backbone", "read_checkpoint_state", "save_backbone", "storage_filesystem", "write_json_atomic",
     "write_meta_checkpoint",
-    "EpisodeSampler", "Prefetcher", "WEIGHTINGS", "dataset_weights",
+    "EpisodeSampler", "Prefetcher", "WEIGHTINGS", "dataset_weights", "DatasetShare", "EpisodeCounts",
+    "assign_datasets",
     "DEFAULT_SHARD_SIZE", "SHARD_NAME_RE", "ShardHook", "encode_png", "ingest_dataset", "ingest_source", "remove_dataset", "shard_name", "write_shard",
     "GLYPH_CLASSES", "IMAGE_EXTENSIONS", "PROCEDURAL_DATASETS", "SHAPE_NAMES", "TEXTURE_NAMES", "ArrayDataset",
     "ProceduralBuilder", "build_procedural", "import_torchvision_datasets", "load_digits_dataset",

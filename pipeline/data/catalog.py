@@ -36,68 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import s3
+from pipeline.data.catalog_checks import (  # noqa: F401 - validate_* are part of this module's API
+    NAME_RE,
+    as_count,
+    require_keys,
+    require_type,
+    validate_name,
+    validate_shard_url,
+)
 
 SCHEMA_VERSION = 1
 CATALOG_FILENAME = "catalog.json"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_MAX_NAME_LEN = 128
-
-
-def validate_name(name: str, what: str = "dataset name") -> str:
-    """Return name if it is safe as one path component of a URL, else raise ValueError.
-
-    Allowed: ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 128 characters, no ``..``; so no slashes,
-    spaces, leading dots or traversal.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"{what} must be a string, got {type(name).__name__}")
-    if not name:
-        raise ValueError(f"{what} is empty: use letters, digits, '.', '_' or '-'")
-    if len(name) > _MAX_NAME_LEN:
-        raise ValueError(f"{what} {name!r} is longer than {_MAX_NAME_LEN} characters")
-    if "/" in name or "\\" in name:
-        raise ValueError(f"{what} {name!r} contains a slash: it must be a single path component")
-    if ".." in name:
-        raise ValueError(f"{what} {name!r} contains '..': not allowed in names")
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"{what} {name!r} is invalid: it must match [A-Za-z0-9][A-Za-z0-9._-]* "
-            "(start with a letter or digit; then letters, digits, '.', '_' or '-')"
-        )
-    return name
-
-
-def validate_shard_url(url: str, dataset: str, split: str) -> str:
-    """Return url if it is ``<root>/<dataset>/<split>-NNNNNN.tar`` with no traversal, else raise ValueError.
-
-    A catalog is data, possibly edited by hand or tampered with: a shard URL outside its
-    dataset's directory would make readers fetch, and ``datasets remove`` delete, objects that
-    belong to something else.
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not a non-empty string")
-    if any(ord(ch) < 32 or ch == "\\" for ch in url):
-        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} contains a backslash or a control character")
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        if scheme not in ("s3", "file"):
-            raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has scheme {scheme!r}: expected s3://, file:// or a path")
-        path = rest.split("/", 1)[1] if scheme == "s3" and "/" in rest else ("" if scheme == "s3" else rest)
-    else:
-        path = url
-    parts = path.split("/")
-    inner = parts if sep and scheme == "s3" else parts[1:]  # a local path may start at the root
-    if any(part in (".", "..") for part in parts) or "" in inner:
-        raise ValueError(f"dataset {dataset!r}: shard URL {url!r} has '.', '..' or empty path segments")
-    expected = re.compile(rf"(?:^|/){re.escape(dataset)}/{re.escape(split)}-\d{{6}}\.tar$")
-    if not expected.search(path):
-        raise ValueError(
-            f"dataset {dataset!r} split {split!r}: shard URL {url!r} is not inside the dataset's directory: "
-            f"expected .../{dataset}/{split}-NNNNNN.tar"
-        )
-    return url
-
-
 def utc_now() -> str:
     """An ISO-8601 UTC timestamp with second precision."""
     return datetime.now(UTC).replace(microsecond=0).isoformat()
@@ -116,12 +65,12 @@ class ShardInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> ShardInfo:
-        _require_keys(data, ("url", "sha256", "samples"), where)
-        _require_type(data["url"], str, f"{where}.url", "a string")
-        sha = _require_type(data["sha256"], str, f"{where}.sha256", "a string")
+        require_keys(data, ("url", "sha256", "samples"), where)
+        require_type(data["url"], str, f"{where}.url", "a string")
+        sha = require_type(data["sha256"], str, f"{where}.sha256", "a string")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise ValueError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
-        samples = _as_count(data["samples"], f"{where}.samples")
+        samples = as_count(data["samples"], f"{where}.samples")
         return cls(url=data["url"], sha256=sha, samples=samples)
 
 
@@ -137,10 +86,10 @@ class SplitInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> SplitInfo:
-        _require_keys(data, ("shards", "samples"), where)
-        _require_type(data["shards"], list, f"{where}.shards", "a list of shards")
+        require_keys(data, ("shards", "samples"), where)
+        require_type(data["shards"], list, f"{where}.shards", "a list of shards")
         shards = tuple(ShardInfo.from_dict(s, f"{where}.shards[{i}]") for i, s in enumerate(data["shards"]))
-        samples = _as_count(data["samples"], f"{where}.samples")
+        samples = as_count(data["samples"], f"{where}.samples")
         if samples != sum(s.samples for s in shards):
             raise ValueError(f"{where}: samples={samples} but its shards hold {sum(s.samples for s in shards)}")
         return cls(shards=shards, samples=samples)
@@ -218,31 +167,31 @@ class CatalogEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "entry") -> CatalogEntry:
-        _require_keys(
+        require_keys(
             data,
             ("name", "num_classes", "class_names", "image_shape", "splits", "created_at", "source"),
             where,
         )
         # Strict types: a coerced value (the string "281" read as the shape (2, 8, 1)) would be
         # silently wrong.
-        raw_shape = _require_type(data["image_shape"], list, f"{where}.image_shape", "a list [H, W, C]")
+        raw_shape = require_type(data["image_shape"], list, f"{where}.image_shape", "a list [H, W, C]")
         if len(raw_shape) != 3:
             raise ValueError(f"{where}.image_shape must have 3 entries (H, W, C), got {raw_shape!r}")
-        shape = tuple(_as_count(v, f"{where}.image_shape[{i}]") for i, v in enumerate(raw_shape))
-        names = _require_type(data["class_names"], list, f"{where}.class_names", "a list of strings")
+        shape = tuple(as_count(v, f"{where}.image_shape[{i}]") for i, v in enumerate(raw_shape))
+        names = require_type(data["class_names"], list, f"{where}.class_names", "a list of strings")
         for i, c in enumerate(names):
-            _require_type(c, str, f"{where}.class_names[{i}]", "a string")
-        splits = _require_type(data["splits"], dict, f"{where}.splits", "an object of splits")
+            require_type(c, str, f"{where}.class_names[{i}]", "a string")
+        splits = require_type(data["splits"], dict, f"{where}.splits", "an object of splits")
         try:
             return cls(
-            name=_require_type(data["name"], str, f"{where}.name", "a string"),
-            num_classes=_as_count(data["num_classes"], f"{where}.num_classes"),
+            name=require_type(data["name"], str, f"{where}.name", "a string"),
+            num_classes=as_count(data["num_classes"], f"{where}.num_classes"),
             class_names=tuple(names),
             image_shape=(shape[0], shape[1], shape[2]),
             splits={k: SplitInfo.from_dict(v, f"{where}.splits.{k}") for k, v in splits.items()},
-            created_at=_require_type(data["created_at"], str, f"{where}.created_at", "an ISO-8601 string"),
-            source=_require_type(data["source"], str, f"{where}.source", "a string"),
-            **{k: _require_type(data[k], str, f"{where}.{k}", "a string") for k in ("base", "recipe", "fingerprint") if k in data},
+            created_at=require_type(data["created_at"], str, f"{where}.created_at", "an ISO-8601 string"),
+            source=require_type(data["source"], str, f"{where}.source", "a string"),
+            **{k: require_type(data[k], str, f"{where}.{k}", "a string") for k in ("base", "recipe", "fingerprint") if k in data},
             )
         except ValueError as exc:
             if str(exc).startswith(where):
@@ -347,16 +296,16 @@ class Catalog:
                 f"{where}: schema_version {version!r} is not supported (this code reads version "
                 f"{SCHEMA_VERSION}); upgrade STAMP or re-ingest the datasets"
             )
-        _require_keys(data, ("datasets",), where)
+        require_keys(data, ("datasets",), where)
         datasets: dict[str, CatalogEntry] = {}
-        for key, raw in _require_type(data["datasets"], dict, f"{where}: datasets", "an object").items():
+        for key, raw in require_type(data["datasets"], dict, f"{where}: datasets", "an object").items():
             entry = CatalogEntry.from_dict(raw, f"{where}: datasets.{key}")
             if entry.name != key:
                 raise ValueError(f"{where}: datasets.{key} has name {entry.name!r}")
             datasets[key] = entry
-        versions = _require_type(data.get("entry_versions", {}), dict, f"{where}: entry_versions", "an object")
+        versions = require_type(data.get("entry_versions", {}), dict, f"{where}: entry_versions", "an object")
         for key, value in versions.items():
-            _require_type(value, str, f"{where}: entry_versions.{key}", "a string")
+            require_type(value, str, f"{where}: entry_versions.{key}", "a string")
         return cls(datasets=datasets, schema_version=version, entry_versions=dict(versions))
 
     @classmethod
@@ -395,7 +344,7 @@ class Catalog:
         listed: dict[str, s3.ObjectInfo] = {}
         for info in s3.list_objects(entries_prefix(url), endpoint_url=endpoint_url):
             base = info.url.rsplit("/", 1)[-1]
-            if base.endswith(ENTRY_SUFFIX) and _NAME_RE.fullmatch(base[: -len(ENTRY_SUFFIX)]):
+            if base.endswith(ENTRY_SUFFIX) and NAME_RE.fullmatch(base[: -len(ENTRY_SUFFIX)]):
                 listed[base[: -len(ENTRY_SUFFIX)]] = info
         stale = [(n, i) for n, i in sorted(listed.items()) if n not in self.datasets or self.entry_versions.get(n) != i.etag]
 
@@ -494,23 +443,3 @@ def entries_prefix(catalog_url: str) -> str:
 def entry_url(catalog_url: str, name: str) -> str:
     """The entry object of dataset ``name`` in the catalog at catalog_url."""
     return s3.join_url(entries_prefix(catalog_url), validate_name(name) + ENTRY_SUFFIX)
-
-
-def _require_keys(data: Any, keys: tuple[str, ...], where: str) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-
-
-def _require_type(value: Any, kind: type, where: str, expected: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"{where} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
-    return value
-
-
-def _as_count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where} must be a non-negative integer, got {value!r}")
-    return value

@@ -3,8 +3,11 @@
 :class:`EpisodeSampler` keeps one class-bucketed buffer per source dataset, fed from resampled
 :class:`~pipeline.data.streams.SampleStream` s, and turns it into class-balanced few-shot
 :class:`stamp_core.Episode` s, exactly ``steps_per_epoch`` per epoch on every rank so DDP never
-waits on a rank that ran dry. :class:`Prefetcher` assembles the next episodes in a thread while
-the training step runs.
+waits on a rank that ran dry. With many datasets a worker reads only its share of them
+(:func:`assign_datasets`) and keeps at most ``max_open_streams`` S3 connections open (an LRU of
+open readers; a closed reader resumes where it stopped). :class:`EpisodeCounts` tallies episodes
+per dataset and per base for tracking. :class:`Prefetcher` assembles the next episodes in a
+thread while the training step runs.
 """
 
 
@@ -15,8 +18,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.data.catalog import Catalog, CatalogEntry
-from pipeline.data.streams import Sample, SampleStream, dataloader_worker, new_stats
+from pipeline.data.streams import ConnectionGauge, Sample, SampleStream, dataloader_worker, new_stats
 from stamp_core import Episode
 from stamp_core.preprocess import prepare_images
 
@@ -64,26 +68,91 @@ def dataset_weights(
     return dict(zip(names, (w / w.sum()).tolist()))
 
 
+@dataclass(frozen=True)
+class DatasetShare:
+    """One dataset as one worker sees it (see :func:`assign_datasets`)."""
+
+    name: str
+    weight: float  #: probability that this worker's episode comes from the dataset
+    part: int  #: this worker's index among the workers that read the dataset
+    parts: int  #: how many workers read the dataset (they split its shards without overlap)
+
+
+def assign_datasets(probs: dict[str, float], worker: int = 0, workers: int = 1) -> list[DatasetShare]:
+    """The datasets global worker ``worker`` of ``workers`` reads, so no worker opens every dataset.
+
+    The datasets' global probabilities are laid end to end on ``[0, 1)`` (in the given order) and
+    the line is cut into ``workers`` equal segments; a worker reads the datasets its segment
+    overlaps, each drawn with probability proportional to the overlap. Why this scheme:
+
+    * the global mix is exact, not approximate: every worker produces the same number of episodes,
+      so dataset ``d`` is drawn with probability ``sum_w overlap_w(d) / (1/W) / W = p_d`` over
+      the job, whatever the weighting (uniform, size, base, explicit weights);
+    * every dataset of positive weight is read by at least one worker, and a worker reads about
+      ``N / W + 2`` datasets (at most ``W - 1`` datasets are cut by a segment boundary);
+    * a dataset heavier than one segment (few datasets, many workers) is read by several workers,
+      which split its shards as before (``part`` of ``parts``), so two datasets on eight workers
+      still use all the data; with one worker this is every dataset, as without the split;
+    * it is deterministic from the order, the weights and the worker index alone: nothing to
+      communicate, and a restarted worker reads the same datasets.
+
+    Datasets of weight 0 are never drawn and are read by no worker.
+
+    Args:
+        probs: dataset -> global probability (sums to 1; see :func:`dataset_weights`).
+        worker: this worker's global index (``rank * loader_workers + loader_worker``).
+        workers: the number of global workers.
+    """
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} out of range for {workers} workers")
+    total = float(sum(probs.values()))
+    if not total > 0:
+        raise ValueError(f"dataset probabilities must sum to > 0, got {probs}")
+    tol = 1e-9  # float sums must not hand a worker a sliver of a neighbour's dataset
+    shares: list[tuple[str, float, int, int]] = []
+    lo = 0.0
+    names = list(probs)
+    for i, name in enumerate(names):
+        p = probs[name] / total * workers
+        if p <= 0:
+            continue
+        hi = float(workers) if i == len(names) - 1 or all(probs[n] <= 0 for n in names[i + 1:]) else lo + p
+        first = min(int(math.floor(lo + tol)), workers - 1)
+        last = max(first, int(math.ceil(hi - tol)) - 1)
+        if first <= worker <= last:
+            overlap = min(hi, worker + 1.0) - max(lo, float(worker))
+            shares.append((name, overlap, worker - first, last - first + 1))
+        lo = hi
+    mass = sum(s[1] for s in shares)
+    return [DatasetShare(name, overlap / mass, part, parts) for name, overlap, part, parts in shares]
+
+
 class _ClassBuffer:
-    """Per-class sample buffers for one dataset, fed from a resampled stream.
+    """Per-class sample buffers for one dataset, fed from a resampled stream that can be closed.
 
     Once a class bucket is full, a new sample replaces a uniformly random slot (a shuffle buffer
     rather than classic reservoir sampling, which would almost stop admitting new samples after a
     long stream and keep training on the same few images). Keys are tracked so the same image is
     never in a bucket twice, which keeps support and query disjoint even when shards repeat.
+    ``close_stream`` closes the reader (and its S3 connection); the next ``pull`` opens a new one,
+    which continues where the last stopped, and the buffered images stay usable meanwhile.
     """
 
-    def __init__(self, num_classes: int, capacity: int, stream: Iterator[Sample], rng: np.random.Generator) -> None:
+    def __init__(self, num_classes: int, capacity: int, open_stream: Callable[[], Iterator[Sample]],
+                 rng: np.random.Generator) -> None:
         self.capacity = capacity
         self.images: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
         self.keys: list[list[str]] = [[] for _ in range(num_classes)]
         self.key_sets: list[set[str]] = [set() for _ in range(num_classes)]
-        self.stream = stream
+        self.open_stream = open_stream
+        self.stream: Iterator[Sample] | None = None
         self.rng = rng
         self.pulled = 0
 
     def pull(self, n: int) -> int:
         """Read up to n samples from the stream into the buckets; returns how many were read."""
+        if self.stream is None:
+            self.stream = self.open_stream()
         got = 0
         for sample in self.stream:
             self._add(sample)
@@ -92,6 +161,13 @@ class _ClassBuffer:
                 break
         self.pulled += got
         return got
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            close = getattr(self.stream, "close", None)
+            if close is not None:
+                close()
+            self.stream = None
 
     def _add(self, sample: Sample) -> None:
         c = sample.label
@@ -113,9 +189,55 @@ class _ClassBuffer:
 
 @dataclass
 class _WorkerState:
-    buffers: dict[str, _ClassBuffer]
-    streams: dict[str, SampleStream]
+    """One reader process's view: its datasets (:func:`assign_datasets`) and their lazy buffers."""
+
+    shares: list[DatasetShare]
+    probs: np.ndarray
+    worker: int  #: the global worker index, for seeds
+    gauge: ConnectionGauge
+    buffers: dict[str, _ClassBuffer] = field(default_factory=dict)
+    streams: dict[str, SampleStream] = field(default_factory=dict)
+    #: datasets whose reader is open, least recently used first
+    open: OrderedDict[str, None] = field(default_factory=OrderedDict)
     epoch: int = 0
+
+
+class EpisodeCounts:
+    """Episodes per dataset and per base, for tracking what meta-training actually drew.
+
+    The key set is fixed by the dataset list (zeros included), so every rank reports the same keys
+    and the counts can be summed over ranks.
+    """
+
+    def __init__(self, entries: dict[str, CatalogEntry]) -> None:
+        self.base = {n: e.base or n for n, e in entries.items()}
+        self.datasets = dict.fromkeys(entries, 0)
+
+    def add(self, episodes: Iterable[Episode]) -> None:
+        for episode in episodes:
+            self.datasets[episode.dataset] += 1
+
+    def bases(self) -> dict[str, int]:
+        out = dict.fromkeys(sorted(set(self.base.values())), 0)
+        for name, n in self.datasets.items():
+            out[self.base[name]] += n
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """``episodes.<dataset>`` and ``episodes_base.<base>`` (cumulative counts) as metric names."""
+        out = {f"episodes.{n}": float(c) for n, c in self.datasets.items()}
+        out.update({f"episodes_base.{b}": float(c) for b, c in self.bases().items()})
+        return out
+
+    @staticmethod
+    def from_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """``{"datasets": {...}, "bases": {...}}`` from :meth:`metrics` keys (after summing over ranks)."""
+        out: dict[str, dict[str, int]] = {"datasets": {}, "bases": {}}
+        for key, value in metrics.items():
+            for prefix, part in (("episodes.", "datasets"), ("episodes_base.", "bases")):
+                if key.startswith(prefix):
+                    out[part][key[len(prefix):]] = int(round(float(value)))
+        return out
 
 
 class EpisodeSampler(IterableDataset):
@@ -130,6 +252,12 @@ class EpisodeSampler(IterableDataset):
     num_workers=W)`` each worker gets its own non-overlapping shards and ``steps_per_epoch / W``
     episodes (the remainder to the first workers), so the epoch is still exactly
     ``steps_per_epoch`` long. ``stats`` are those of this process (not of DataLoader workers).
+
+    A reader (rank times DataLoader worker) draws only from its share of the datasets
+    (:func:`assign_datasets`: the global mix is kept exactly), opens a dataset's stream on its
+    first episode, and keeps at most ``max_open_streams`` streams (S3 connections) open: drawing
+    from another dataset closes the least recently used one, whose buffered images stay usable
+    and whose stream resumes where it stopped when it is opened again.
 
     Args:
         catalog_url: the catalog (ignored when ``catalog`` is given).
@@ -153,6 +281,8 @@ class EpisodeSampler(IterableDataset):
         max_bad_fraction: see :class:`SampleStream`.
         endpoint_url: S3 endpoint (default from the environment).
         catalog: an already-loaded catalog.
+        max_open_streams: at most this many dataset streams (each one S3 connection) open at
+            once per reader process.
     """
 
     def __init__(
@@ -179,6 +309,7 @@ class EpisodeSampler(IterableDataset):
         endpoint_url: str | None = None,
         catalog: Catalog | None = None,
         weighting: str = "uniform",
+        max_open_streams: int = 8,
     ) -> None:
         super().__init__()
         lo, hi = int(ways[0]), int(ways[1])
@@ -196,6 +327,8 @@ class EpisodeSampler(IterableDataset):
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if max_open_streams < 1:
+            raise ValueError(f"max_open_streams must be >= 1, got {max_open_streams}")
         if catalog is None:
             if catalog_url is None:
                 raise ValueError("pass catalog_url or catalog")
@@ -229,6 +362,7 @@ class EpisodeSampler(IterableDataset):
         self.verify_sha256 = verify_sha256
         self.max_bad_fraction = max_bad_fraction
         self.endpoint_url = endpoint_url
+        self.max_open_streams = max_open_streams
         self._states: dict[tuple[int, int], _WorkerState] = {}
         self._timing = {"data_wait_s": 0.0, "episodes": 0}
         self._next_epoch: int | None = None
@@ -250,15 +384,25 @@ class EpisodeSampler(IterableDataset):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Counters summed over this process's streams, plus ``data_wait_s`` and ``episodes``."""
+        """Counters summed over this process's streams, plus ``data_wait_s``, ``episodes``,
+        ``datasets_opened`` (datasets this process has read from), ``open_streams`` (S3 bodies open
+        now) and ``open_streams_peak`` (the most open at once)."""
         out = new_stats()
+        out.update(datasets_opened=0, open_streams=0, open_streams_peak=0)
         # Snapshots: a prefetch thread may be opening streams while the training loop reports.
         for state in list(self._states.values()):
             for stream in list(state.streams.values()):
                 for k, v in list(stream.stats.items()):
                     out[k] += v
+            out["datasets_opened"] += len(state.streams)
+            out["open_streams"] += state.gauge.now
+            out["open_streams_peak"] = max(out["open_streams_peak"], state.gauge.peak)
         out.update(self._timing)
         return out
+
+    def datasets_of(self, worker: int = 0, workers: int = 1) -> list[DatasetShare]:
+        """The datasets global reader ``worker`` of ``workers`` draws from (see :func:`assign_datasets`)."""
+        return assign_datasets(dict(zip(self.names, self.probs.tolist())), worker, workers)
 
     def __iter__(self) -> Iterator[Episode]:
         worker_id, num_workers = dataloader_worker()
@@ -282,31 +426,44 @@ class EpisodeSampler(IterableDataset):
         key = (os.getpid(), worker_id)
         state = self._states.get(key)
         if state is None:
-            streams: dict[str, SampleStream] = {}
-            buffers: dict[str, _ClassBuffer] = {}
-            for i, name in enumerate(self.names):
-                entry = self.entries[name]
-                stream = SampleStream(
-                    entry,
-                    self.split,
-                    resampled=True,
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    seed=self.seed,
-                    verify_sha256=self.verify_sha256,
-                    max_bad_fraction=self.max_bad_fraction,
-                    endpoint_url=self.endpoint_url,
-                )
-                streams[name] = stream
-                buffers[name] = _ClassBuffer(
-                    entry.num_classes,
-                    self.buffer_per_class,
-                    iter(stream.pipeline(worker_id, num_workers)),
-                    np.random.default_rng([self.seed, self.rank, worker_id, i, 2]),
-                )
-            state = _WorkerState(buffers=buffers, streams=streams)
+            worker = self.rank * num_workers + worker_id
+            shares = self.datasets_of(worker, self.world_size * num_workers)
+            state = _WorkerState(shares=shares, probs=np.array([s.weight for s in shares]),
+                                 worker=worker, gauge=ConnectionGauge())
             self._states[key] = state
         return state
+
+    def _buffer(self, state: _WorkerState, share: DatasetShare) -> _ClassBuffer:
+        """The dataset's buffer with its reader open, closing the least recently used reader
+        first when ``max_open_streams`` are open."""
+        name = share.name
+        buffer = state.buffers.get(name)
+        if buffer is None:
+            entry = self.entries[name]
+            stream = SampleStream(
+                entry,
+                self.split,
+                resampled=True,
+                rank=share.part,
+                world_size=share.parts,
+                seed=self.seed,
+                verify_sha256=self.verify_sha256,
+                max_bad_fraction=self.max_bad_fraction,
+                endpoint_url=self.endpoint_url,
+                gauge=state.gauge,
+            )
+            state.streams[name] = stream
+            buffer = _ClassBuffer(entry.num_classes, self.buffer_per_class, stream.open_samples,
+                                  np.random.default_rng([self.seed, state.worker, self.names.index(name), 2]))
+            state.buffers[name] = buffer
+        if name in state.open:
+            state.open.move_to_end(name)
+        else:
+            while len(state.open) >= self.max_open_streams:
+                oldest, _ = state.open.popitem(last=False)
+                state.buffers[oldest].close_stream()
+            state.open[name] = None
+        return buffer
 
     def _support_per_class(self, k: int) -> int:
         return max(1, min(self.support_per_class, self.max_support // k))
@@ -315,9 +472,10 @@ class EpisodeSampler(IterableDataset):
         return self._support_per_class(k) + math.ceil(self.query_size / k)
 
     def _episode(self, state: _WorkerState, rng: np.random.Generator, worker_id: int) -> Episode:
-        name = self.names[int(rng.choice(len(self.names), p=self.probs))]
+        share = state.shares[int(rng.choice(len(state.shares), p=state.probs))]
+        name = share.name
         entry = self.entries[name]
-        buffer = state.buffers[name]
+        buffer = self._buffer(state, share)
         k = int(rng.integers(self.ways[0], min(self.ways[1], entry.num_classes) + 1))
         n_support = self._support_per_class(k)
         need = self._need(k)
@@ -325,7 +483,7 @@ class EpisodeSampler(IterableDataset):
             buffer.pull(self.refresh_per_episode)
         # Bound the wait: a worker's share of the split, a few times over, is enough to fill any
         # class that can be filled; beyond that the data simply does not have enough per class.
-        budget = 3 * entry.split(self.split).samples + self.buffer_per_class * entry.num_classes
+        budget = buffer.pulled + 3 * entry.split(self.split).samples + self.buffer_per_class * entry.num_classes
         while len(buffer.eligible(need)) < k:
             before = buffer.pulled
             got = buffer.pull(max(256, self.query_size))

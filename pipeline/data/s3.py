@@ -555,22 +555,31 @@ def list_objects(prefix_url: str, *, endpoint_url: str | None = None) -> list[Ob
     return sorted(infos, key=lambda i: i.url)
 
 
-def open_read(url: str, *, endpoint_url: str | None = None) -> BinaryIO:
+def open_read(url: str, *, endpoint_url: str | None = None, start: int = 0) -> BinaryIO:
     """A streaming, read-only file object for url (boto3 streaming body or a local file).
+
+    Args:
+        start: first byte to read; > 0 asks S3 for a ranged GET (``Range: bytes=start-``), so a
+            reader can continue an object where an earlier, closed reader stopped.
 
     Raises:
         ObjectNotFoundError: no object at url.
         StorageError: endpoint unreachable, bucket missing or credentials rejected.
     """
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start} for {url}")
     if not is_s3_url(url):
         try:
-            return local_path(url).open("rb")
+            fh = local_path(url).open("rb")
         except FileNotFoundError:
             raise ObjectNotFoundError(f"cannot read {url}: no such file") from None
+        fh.seek(start)
+        return fh
     client = make_s3_client(endpoint_url)
     bucket, key = parse_s3_url(url)
     try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        ranged = {"Range": f"bytes={start}-"} if start else {}
+        body = client.get_object(Bucket=bucket, Key=key, **ranged)["Body"]
     except Exception as exc:  # noqa: BLE001 - translated below
         _raise_s3(exc, url, client, "read")
     return _buffered(_BufferedBody(body))
@@ -624,21 +633,24 @@ def register_gopen_s3(endpoint_url: str | None = None) -> None:
     def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
         if mode != "rb":
             raise ValueError(f"{url}: the s3 opener only reads (mode 'rb'), got mode {mode!r}")
-        return open_read(url, endpoint_url=kw.get("endpoint_url") or endpoint_url)
+        return open_read(url, endpoint_url=kw.get("endpoint_url") or endpoint_url, start=int(kw.get("start", 0)))
 
     _wds_gopen.gopen_schemes["s3"] = _gopen_s3
 
 
-def open_stream(url: str, *, endpoint_url: str | None = None) -> BinaryIO:
-    """Open url for streaming reads: ``s3://`` through the opener registered in webdataset's gopen
-    table, local files directly with a 1 MiB buffer (gopen's default 8 KiB buffer makes tarfile's
-    small reads noticeably slower than S3 over loopback)."""
+def open_stream(url: str, *, endpoint_url: str | None = None, start: int = 0) -> BinaryIO:
+    """Open url for streaming reads from byte ``start``: ``s3://`` through the opener registered in
+    webdataset's gopen table (a ranged GET when ``start > 0``), local files directly with a 1 MiB
+    buffer (gopen's default 8 KiB buffer makes tarfile's small reads noticeably slower than S3 over
+    loopback)."""
     if is_s3_url(url):
-        return _wds_gopen.gopen(url, "rb", endpoint_url=endpoint_url)  # type: ignore[no-any-return]
+        return _wds_gopen.gopen(url, "rb", endpoint_url=endpoint_url, start=start)  # type: ignore[no-any-return]
     try:
-        return local_path(url).open("rb", buffering=1024 * 1024)
+        fh = local_path(url).open("rb", buffering=1024 * 1024)
     except FileNotFoundError:
         raise ObjectNotFoundError(f"cannot read {url}: no such file") from None
+    fh.seek(start)
+    return fh
 
 
 register_gopen_s3()

@@ -13,6 +13,13 @@ pretraining, validation tasks); :mod:`pipeline.data.episodes` turns resampled st
 When there are fewer shards than global workers, every worker reads every shard but keeps only
 the samples at positions ``p`` with ``p % G == g`` (sample-level striding): no overlap, at the cost
 of each worker parsing all the tar bytes.
+
+A training reader (:meth:`SampleStream.open_samples` on a resampled stream) can be closed at any
+point, which closes its S3 connection, and reopened later: it continues at the next sample of the
+shard it was in with one ranged GET (``Range: bytes=offset-`` from the tar header offset), so
+closing never re-reads bytes nor favours the start of a shard. The episode sampler relies on this
+to keep only a few connections open per worker while drawing from many datasets. A
+:class:`ConnectionGauge` counts the shard bodies open at once.
 """
 
 
@@ -23,7 +30,7 @@ import io
 import logging
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -32,7 +39,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.data import s3
 from pipeline.data.catalog import Catalog, CatalogEntry
@@ -106,10 +113,79 @@ def dataloader_worker() -> tuple[int, int]:
 
 
 def new_stats() -> dict[str, float]:
-    """Zeroed counters: the :data:`STAT_KEYS` plus ``shards_read``."""
+    """Zeroed counters: the :data:`STAT_KEYS`, ``shards_read`` (shards started) and ``gets`` (GET
+    requests: shards started plus ranged GETs that continued a shard after a close)."""
     stats: dict[str, float] = {k: 0 for k in STAT_KEYS}
     stats["shards_read"] = 0
+    stats["gets"] = 0
     return stats
+
+
+class ConnectionGauge:
+    """How many shard bodies (S3 GET responses, each holding one HTTP connection) are open now, and the peak.
+
+    Shared by the streams of one reader process so the count is per worker, not per dataset.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def opened(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def closed(self) -> None:
+        self.now -= 1
+
+
+@dataclass
+class _Cursor:
+    """Where a closed resampled reader stopped: the next sample of shard ``index`` starts at byte
+    ``offset`` and is sample ``position`` of the shard; ``seen`` of the shard's samples were kept."""
+
+    index: int
+    offset: int
+    position: int
+    seen: int
+
+
+@dataclass
+class _Resume:
+    """Per-worker state that outlives one reader: the shard-draw rng and the cursor."""
+
+    rng: random.Random
+    cursor: _Cursor | None = None
+
+
+def _tar_samples(stream: Any, base_offset: int) -> Iterator[tuple[dict[str, Any], int | None]]:
+    """Samples of a tar stream (members grouped by key, as webdataset does), each with the byte offset
+    (from the start of the object) of the next sample's first header, or None after the last one.
+
+    Members named ``__...__`` (webdataset metadata) and non-files are skipped.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|")
+    current: dict[str, Any] | None = None
+    for info in tar:
+        if not info.isreg() or info.name.startswith("__"):
+            continue
+        key, ext = base_plus_ext(info.name)
+        if key is None or ext is None:
+            continue
+        if current is not None and current["__key__"] != key:
+            # info.offset counts from where this reader started, headers of long names included.
+            yield current, base_offset + info.offset
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        ext = ext.lower()
+        if ext in current:
+            raise ValueError(f"duplicate member {info.name} in one sample")
+        member = tar.extractfile(info)
+        current[ext] = member.read() if member is not None else b""
+        tar.members = []  # a stream can be long: keep no member list
+    if current is not None:
+        yield current, None
 
 
 class SampleStream(IterableDataset):
@@ -128,6 +204,8 @@ class SampleStream(IterableDataset):
         min_samples_for_check: the share is only judged after this many samples (and always at
             the end of a one-pass read).
         endpoint_url: S3 endpoint for ``s3://`` shards (default from the environment).
+        gauge: counts this stream's open shard bodies (pass one gauge to several streams to count
+            a worker's connections); default a private one.
     """
 
     def __init__(
@@ -143,6 +221,7 @@ class SampleStream(IterableDataset):
         max_bad_fraction: float = 0.1,
         min_samples_for_check: int = 200,
         endpoint_url: str | None = None,
+        gauge: ConnectionGauge | None = None,
     ) -> None:
         super().__init__()
         self.entry = entry
@@ -160,10 +239,12 @@ class SampleStream(IterableDataset):
         self.max_bad_fraction = max_bad_fraction
         self.min_samples_for_check = min_samples_for_check
         self.endpoint_url = endpoint_url
+        self.gauge = gauge or ConnectionGauge()
         self.stats = new_stats()
         #: shard URL -> reasons it was (partly) unusable, for error messages.
         self.bad_shards: dict[str, list[str]] = {}
         self._lost = 0  # samples that corrupt shards should have provided
+        self._resume: dict[tuple[int, int], _Resume] = {}
         assign_shards(len(self.info.shards), rank, world_size)  # validates rank/world_size early
 
     # ----------------------------------------------------------------------------- pipeline
@@ -173,54 +254,97 @@ class SampleStream(IterableDataset):
         if worker_id is None or num_workers is None:
             worker_id, num_workers = dataloader_worker()
         assignment = assign_shards(len(self.info.shards), self.rank, self.world_size, worker_id, num_workers)
+        resume = self._resume_state(worker_id, num_workers)
         return wds.DataPipeline(
-            lambda: self._shard_source(assignment, worker_id),
-            lambda src: self._read_shards(src, assignment),
+            lambda: self._shard_source(assignment, resume),
+            lambda src: self._read_shards(src, assignment, resume),
             self._decode,
         )
+
+    def open_samples(self, worker_id: int = 0, num_workers: int = 1) -> Generator[Sample, None, None]:
+        """A reader for one worker whose ``close()`` closes its S3 connection at once.
+
+        On a resampled stream a new reader continues where the last closed one of the same worker
+        stopped (same shard draws, next sample, one ranged GET), so a sequence of readers yields
+        exactly the samples one long-lived reader would.
+        """
+        assignment = assign_shards(len(self.info.shards), self.rank, self.world_size, worker_id, num_workers)
+        resume = self._resume_state(worker_id, num_workers)
+        raw = self._read_shards(self._shard_source(assignment, resume), assignment, resume)
+        try:
+            yield from self._decode(raw)
+        finally:
+            raw.close()  # explicit: do not leave the open body to the garbage collector
 
     def __iter__(self) -> Iterator[Sample]:
         return iter(self.pipeline())
 
-    def _shard_source(self, assignment: ShardAssignment, worker_id: int) -> Iterator[dict[str, Any]]:
+    def _resume_state(self, worker_id: int, num_workers: int) -> _Resume:
+        key = (worker_id, num_workers)
+        if key not in self._resume:
+            rng = random.Random(f"{self.seed}:{self.rank}:{worker_id}:{self.entry.name}:{self.split}")
+            self._resume[key] = _Resume(rng)
+        return self._resume[key]
+
+    def _shard_source(self, assignment: ShardAssignment, resume: _Resume) -> Iterator[dict[str, Any]]:
         shards = self.info.shards
         if not self.resampled:
             for i in assignment.shards:
-                yield {"url": shards[i].url, "index": i}
+                yield {"url": shards[i].url, "index": i, "cursor": None}
             return
-        rng = random.Random(f"{self.seed}:{self.rank}:{worker_id}:{self.entry.name}:{self.split}")
+        cursor, resume.cursor = resume.cursor, None
+        if cursor is not None:
+            yield {"url": shards[cursor.index].url, "index": cursor.index, "cursor": cursor}
         while True:
-            i = rng.choice(assignment.shards)
-            yield {"url": shards[i].url, "index": i}
+            i = resume.rng.choice(assignment.shards)
+            yield {"url": shards[i].url, "index": i, "cursor": None}
 
-    def _open(self, url: str, index: int) -> io.BufferedIOBase | Any:
+    def _open(self, url: str, index: int, start: int) -> io.BufferedIOBase | Any:
         if not self.verify_sha256:
-            return s3.open_stream(url, endpoint_url=self.endpoint_url)
+            return s3.open_stream(url, endpoint_url=self.endpoint_url, start=start)
         data = s3.get_bytes(url, endpoint_url=self.endpoint_url)
         digest = hashlib.sha256(data).hexdigest()
         expected = self.info.shards[index].sha256
         if digest != expected:
             raise _ShardMismatch(f"sha256 {digest[:12]}... != catalog {expected[:12]}...")
-        return io.BytesIO(data)
+        body = io.BytesIO(data)
+        body.seek(start)
+        return body
 
-    def _read_shards(self, src: Iterable[dict[str, Any]], assignment: ShardAssignment) -> Iterator[dict[str, Any]]:
+    def _read_shards(
+        self, src: Iterable[dict[str, Any]], assignment: ShardAssignment, resume: _Resume
+    ) -> Iterator[dict[str, Any]]:
         for shard in src:
-            url, index = shard["url"], shard["index"]
+            url, index, cursor = shard["url"], shard["index"], shard["cursor"]
             expected = assignment.expected(self.info.shards[index].samples)
-            self.stats["shards_read"] += 1
-            seen = 0
+            if cursor is None:
+                self.stats["shards_read"] += 1
+                cursor = _Cursor(index, 0, 0, 0)
+            seen, position = cursor.seen, cursor.position
+            self.stats["gets"] += 1
             try:
-                with self._open(url, index) as stream:
-                    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                    for position, raw in enumerate(group_by_keys(files)):
-                        if not assignment.keeps(position):
-                            continue
-                        seen += 1
-                        raw["__shard__"] = index
-                        yield raw
+                with self._open(url, index, cursor.offset) as stream:
+                    self.gauge.opened()
+                    try:
+                        for raw, next_offset in _tar_samples(stream, cursor.offset):
+                            keep = assignment.keeps(position)
+                            position += 1
+                            seen += int(keep)
+                            if self.resampled:
+                                # Saved before the yield: a reader closed there resumes after this sample.
+                                resume.cursor = (None if next_offset is None
+                                                 else _Cursor(index, next_offset, position, seen))
+                            if keep:
+                                raw["__url__"] = url
+                                raw["__shard__"] = index
+                                yield raw
+                    finally:
+                        self.gauge.closed()
+                resume.cursor = None
                 if seen != expected:
                     raise _ShardMismatch(f"holds {seen} samples for this reader, catalog implies {expected}")
             except s3.ObjectNotFoundError as exc:
+                resume.cursor = None
                 self._corrupt_shard(url, f"missing ({exc})", expected - seen)
             except s3.StorageError:
                 raise  # endpoint, bucket or credentials: not a data problem, do not hide it
@@ -234,6 +358,7 @@ class SampleStream(IterableDataset):
                 # A connection dropped mid-body: skip the shard; a resampled stream comes back to it.
                 bexc.BotoCoreError,
             ) as exc:
+                resume.cursor = None
                 # Our own mismatch message is complete; a library error needs its type to be understood.
                 reason = str(exc) if isinstance(exc, _ShardMismatch) else f"{type(exc).__name__}: {exc}"
                 self._corrupt_shard(url, reason, expected - seen)

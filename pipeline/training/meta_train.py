@@ -5,8 +5,10 @@
   prototype head), so instead of DDP the gradients are all-reduced in ``meta_train_step``'s
   ``grad_hook``: one flat buffer per step, plus a has-gradient flag per parameter so a parameter no
   rank touched keeps ``grad=None`` exactly as in single-process training.
-* Every rank streams its own episodes (``EpisodeSampler(rank, world_size)``: disjoint shards, the
-  same number of steps per epoch, so no rank waits on one that ran dry).
+* Every rank streams its own episodes (``EpisodeSampler(rank, world_size)``: its share of the
+  datasets, disjoint shards where ranks share one, the same number of steps per epoch, so no rank
+  waits on one that ran dry); episode counts per dataset and base, summed over ranks, go to MLflow
+  with every report and as ``episode_counts.json`` at the end.
 * Every ``report_every`` steps every rank calls ``ray.train.report`` (Ray requires equal counts);
   metrics are averaged over ranks first; rank 0 attaches a checkpoint every ``checkpoint_every``
   steps and at the end: ``pruner.json`` + ``pruner_state_dict.pt`` (``StampPruner.save``),
@@ -41,6 +43,7 @@ from pipeline.data import (
     CHECKPOINT_PREFIX,
     OPTIMIZER_FILE,
     STATE_FILE,
+    EpisodeCounts,
     EpisodeSampler,
     Prefetcher,
     checkpoint_to_local,
@@ -192,7 +195,9 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         verify_sha256=cfg.data.verify_sha256,
         max_bad_fraction=cfg.data.max_bad_fraction,
         endpoint_url=setup.s3_endpoint,
+        max_open_streams=cfg.data.max_open_streams,
     )
+    counts = EpisodeCounts(sampler.entries)  # this attempt's episodes, summed over ranks when reported
     sampler.set_epoch(start_step // steps_per_epoch)
     source: Any = sampler
     if cfg.data.loader_workers > 0:
@@ -220,9 +225,12 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         local.update({"_wait_s": wait_s, "_step_s": step_s, "_steps": float(n_steps), "_wall": wall,
                       "skipped_samples": float(skipped),
                       "peak_rss_mb": peak_rss_mb(), "worker_elapsed_s": now - worker_start,
-                      "loop_elapsed_s": now - loop_start})
-        agg = mean_over_ranks(local, ctx, device, sums=("_wait_s", "_step_s", "_steps", "skipped_samples"),
-                               maxes=("peak_rss_mb", "_wall", "worker_elapsed_s", "loop_elapsed_s"))
+                      "loop_elapsed_s": now - loop_start, "open_streams_peak": sampler.stats["open_streams_peak"],
+                      "s3_gets": sampler.stats["gets"], **counts.metrics()})
+        agg = mean_over_ranks(local, ctx, device, sums=("_wait_s", "_step_s", "_steps", "skipped_samples",
+                                                        "s3_gets", *counts.metrics()),
+                               maxes=("peak_rss_mb", "_wall", "worker_elapsed_s", "loop_elapsed_s",
+                                      "open_streams_peak"))
         metrics: dict[str, Any] = {k: v for k, v in agg.items() if not k.startswith("_")}
         metrics.update({
             "step": step,
@@ -253,6 +261,10 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
                         "time": time.time(), "stamp_version": stamp_version,
                     })
                 tracker.log(metrics, step)
+                if final:
+                    tracker.log_figures(lambda client, run_id: client.log_dict(
+                        run_id, EpisodeCounts.from_metrics(metrics), "episode_counts.json"),
+                        "MLflow episode counts not logged (training result kept)")
                 if final and val_due:
                     at_budget = (metrics["val_macs_ratio"], metrics["val_accuracy"], final_specs)
                     tracker.log_figures(lambda client, run_id: log_run_plots(
@@ -279,6 +291,7 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
             t0 = time.perf_counter()
             batch = [next(episodes).to(device) for _ in range(per_step)]
             t1 = time.perf_counter()
+            counts.add(batch)
             parts = meta_train_step(pruner, batch, optimizer, meta_cfg, grad_hook=grad_hook)
             step += 1
             wait_s += t1 - t0

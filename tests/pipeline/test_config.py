@@ -82,6 +82,7 @@ def test_override_keeps_sibling_defaults(tmp_path: Path) -> None:
         ("scaling.num_workers=two", "scaling.num_workers: Input should be a valid integer"),
         ("checkpoint_every=15", "checkpoint_every: 15 must be a multiple of report_every"),
         ("data.sources=[]", "data.sources: sources is empty"),
+        ("data.max_open_streams=0", "data.max_open_streams: Input should be greater than or equal to 1"),
         ("data.sources=../etc", "data.sources: dataset name '../etc' is invalid"),
         ("storage_path=gs://bucket/x", "storage_path: storage_path scheme 'gs' is not supported"),
         ("mlflow.tracking_uri=http://user:pw@host:5000", "mlflow.tracking_uri: the URI embeds a password"),

@@ -292,13 +292,15 @@ def test_episodes_are_deterministic_per_seed_and_rank(tmp_path: Path) -> None:
 
 
 def test_two_ranks_equal_steps_and_disjoint_data(tmp_path: Path) -> None:
-    ds_a = build_procedural("stripes", n_per_class=30, seed=0)
-    ds_b = build_procedural("shapes", n_per_class=30, seed=0)
+    """Three datasets, uniform, on two ranks: blobs goes to rank 0, stripes to rank 1, and shapes
+    (cut by the middle of the probability line) to both, which split its single shard by striding."""
     dest = str(tmp_path / "data")
-    ingest_dataset(ds_a, dest, shard_size=60, progress=False)  # 4 shards
-    ingest_dataset(ds_b, dest, shard_size=500, progress=False)  # 1 shard: sample striding
+    ingest_dataset(build_procedural("blobs", n_per_class=30, seed=0), dest, shard_size=60, progress=False)
+    ingest_dataset(build_procedural("stripes", n_per_class=30, seed=0), dest, shard_size=60, progress=False)
+    ingest_dataset(build_procedural("shapes", n_per_class=30, seed=0), dest, shard_size=500, progress=False)
     catalog_url = f"{dest}/catalog.json"
     seen: list[set[bytes]] = []
+    expected = [{"blobs", "shapes"}, {"shapes", "stripes"}]
     for rank in range(2):
         sampler = EpisodeSampler(
             catalog_url,
@@ -313,7 +315,8 @@ def test_two_ranks_equal_steps_and_disjoint_data(tmp_path: Path) -> None:
         )
         episodes = [e for _ in range(2) for e in sampler]
         assert len(episodes) == 14
-        assert {e.dataset for e in episodes} == {"stripes", "shapes"}
+        assert {e.dataset for e in episodes} == expected[rank]
+        assert sampler.stats["datasets_opened"] == 2
         seen.append({row.numpy().tobytes() for e in episodes for row in torch.cat([e.support_x, e.query_x])})
     assert seen[0].isdisjoint(seen[1])
 

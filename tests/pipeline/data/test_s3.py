@@ -118,7 +118,7 @@ def test_s3_multipart_upload_round_trip(seaweedfs: object, s3_bucket: str, tmp_p
 
 
 @pytest.mark.integration
-def test_webdataset_gopen_streams_s3_objects(seaweedfs: object, s3_bucket: str) -> None:
+def test_webdataset_gopen_streams_s3_objects(seaweedfs: object, s3_bucket: str, tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("000.cls")
@@ -135,6 +135,14 @@ def test_webdataset_gopen_streams_s3_objects(seaweedfs: object, s3_bucket: str) 
             payload = tar.extractfile(member)
             assert payload is not None
             assert (member.name, payload.read()) == ("000.cls", b"7")
+    # A ranged read continues an object where a closed reader stopped (S3 and local alike).
+    local = tmp_path / "x.tar"
+    local.write_bytes(buf.getvalue())
+    for where in (url, str(local)):
+        with s3.open_stream(where, start=512) as stream:
+            assert stream.read() == buf.getvalue()[512:]
+    with pytest.raises(ValueError, match="start must be >= 0, got -1"):
+        s3.open_read(url, start=-1)
 
 
 @pytest.mark.integration

@@ -39,6 +39,14 @@ def test_worker_loop_in_process_reports_finite_parts_and_checkpoints(local_catal
         assert report["episodes_per_s"] > 0
         assert 0.0 < report["val_accuracy"] <= 1.0
         assert 0.0 < report["val_macs_ratio"] <= cfg.validation.macs_ratio + 1e-9
+    # Cumulative episode counts per dataset and per base (a procedural dataset is its own base).
+    per_step = cfg.episodes.per_step
+    for report in ctx.reports:
+        by_dataset = [report[f"episodes.{n}"] for n in SOURCES]
+        assert sum(by_dataset) == report["step"] * per_step
+        assert [report[f"episodes_base.{n}"] for n in SOURCES] == by_dataset
+        assert 1 <= report["open_streams_peak"] <= len(SOURCES)
+    assert min(ctx.reports[-1][f"episodes.{n}"] for n in SOURCES) > 0
     assert last["step"] == 4 and last["checkpoint"] == "checkpoint_00000004"
 
     ckpt = tmp_path / "run" / "checkpoint_00000004"
@@ -135,6 +143,13 @@ def test_two_workers_recover_from_a_killed_worker_then_resume_by_name(
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert not any(secret in v for v in [*run.data.params.values(), *run.data.tags.values()])
     assert run.info.status == "FINISHED"
+    # Episode counts of the last attempt, summed over both ranks (each reads its share of the datasets).
+    episodes = (6 - first.start_step) * cfg.episodes.per_step * 2
+    assert sum(run.data.metrics[f"episodes.{n}"] for n in SOURCES) == episodes
+    counts = MlflowClient(mlflow_server).download_artifacts(first.mlflow_run_id, "episode_counts.json", str(tmp_path))
+    logged = json.loads(Path(counts).read_text())
+    assert set(logged["datasets"]) == set(SOURCES) and sum(logged["datasets"].values()) == episodes
+    assert logged["bases"] == logged["datasets"]
 
     # Resume by name: same run_name + storage_path, more steps.
     second = run_meta_train(cfg.model_copy(update={"steps": 8, "fault_injection": None}))
