@@ -250,6 +250,8 @@ class OptimSection(_Strict):
     #: "relaxed" (v1): sampled soft masks + KL + budget penalty; "deployed" (v2): the calibrated
     #: hard mask, inner_steps of fine-tuning on the support set, CE on the query batch.
     objective: Literal["relaxed", "deployed"] = "relaxed"
+    #: objective=deployed only: also penalise the keep probabilities' expected MACs (under evaluation)
+    deployed_macs_penalty: bool = False
     #: "bf16": meta-training losses under bfloat16 autocast (GPUs with bf16; on CPU it is slower);
     #: weights, gradients and the optimizer stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"
