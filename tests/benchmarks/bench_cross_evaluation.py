@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -23,14 +24,16 @@ import torch
 from stamp_core import MetaConfig, StampPruner, make_optimizer, meta_train_step
 from tests.stamp_core._tasks import FAMILIES, cross_evaluate, held_out_task, make_episode, two_family_backbone
 
-def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, macs_weight: float = 20.0) -> dict:
+def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, macs_weight: float | None = None) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     backbone = two_family_backbone(gen)
     pruner = StampPruner.create(copy.deepcopy(backbone), generator=generator)
     untrained = StampPruner.create(copy.deepcopy(backbone), generator=generator)
     opt = make_optimizer(pruner, lr=1e-3, backbone_lr=1e-4)
-    cfg = MetaConfig(objective=objective, inner_steps=2 if objective == "deployed" else 0, macs_weight=macs_weight)
+    cfg = MetaConfig(objective=objective, inner_steps=2 if objective == "deployed" else 0)
+    if macs_weight is not None:  # the deployed objective's optional budget penalty
+        cfg = dataclasses.replace(cfg, macs_weight=macs_weight, deployed_macs_penalty=True)
     t0 = time.perf_counter()
     for _ in range(0, episodes, 4):
         batch = [make_episode(FAMILIES[int(torch.randint(2, (), generator=gen))], gen) for _ in range(4)]
@@ -53,7 +56,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--ratio", type=float, default=0.1)
-    ap.add_argument("--macs-weight", type=float, default=20.0, help="weight of the budget penalty")
+    ap.add_argument("--macs-weight", type=float, default=None,
+                    help="deployed objective: add the budget penalty with this weight (default: off)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
