@@ -252,6 +252,9 @@ class OptimSection(_Strict):
     objective: Literal["relaxed", "deployed"] = "relaxed"
     #: objective=deployed only: also penalise the keep probabilities' expected MACs (under evaluation)
     deployed_macs_penalty: bool = False
+    #: objective=deployed only: "plain" straight-through gradient, or "budget_neutral" (each channel
+    #: charged its marginal MACs so that a common shift of all keep probabilities gets no gradient)
+    deployed_gradient: Literal["plain", "budget_neutral"] = "plain"
     #: "bf16": meta-training losses under bfloat16 autocast (GPUs with bf16; on CPU it is slower);
     #: weights, gradients and the optimizer stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -48,6 +48,7 @@ class Episode:
 
 
 OBJECTIVES = ("relaxed", "deployed")
+DEPLOYED_GRADIENTS = ("plain", "budget_neutral")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -75,6 +76,11 @@ class MetaConfig:
     #: 1 at small budgets (a suite-trained channel pruner without it starved residual streams at
     #: r=0.1), but on the two-family cross-evaluation it cost adaptivity (see _deployed_loss).
     deployed_macs_penalty: bool = False
+    #: "deployed" only: how the straight-through gradient reaches the keep probabilities. "plain":
+    #: ``dCE/dz`` as is; "budget_neutral": minus ``lambda * dMACs/dz`` with ``lambda`` chosen per
+    #: episode so that raising every channel's probability together gets no gradient (the
+    #: calibration ignores such a shift); each channel is charged its marginal MACs.
+    deployed_gradient: str = "plain"
     #: "bf16": the meta-batch loss runs under ``torch.autocast(bfloat16)`` on the pruner's device
     #: (convolutions and matmuls in bf16; weights, gradients and the optimizer stay float32);
     #: "fp32": no autocast.
@@ -85,6 +91,8 @@ class MetaConfig:
             raise ValueError(f"budget_penalty={self.budget_penalty!r}: expected 'two_sided' or 'upper'")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.deployed_gradient not in DEPLOYED_GRADIENTS:
+            raise ValueError(f"deployed_gradient={self.deployed_gradient!r}: expected one of {', '.join(DEPLOYED_GRADIENTS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
@@ -226,7 +234,8 @@ def _deployed_loss(
     """
     probs = [kumaraswamy_mean(a, b) for a, b in params]
     hard = hard_gates(pruner, probs, episode.macs_ratio)
-    straight = [z + p - p.detach() for z, p in zip(hard, probs)]
+    through = _budget_neutral(pruner, probs, hard) if cfg.deployed_gradient == "budget_neutral" else probs
+    straight = [z + p - p.detach() for z, p in zip(hard, through)]
     net = pruner.backbone
     net.train()
     with frozen_norm_statistics(net):
@@ -262,6 +271,21 @@ def _deployed_loss(
         "accuracy": float((logits.argmax(1) == episode.query_y).float().mean()),
     }
     return loss, parts, (net if net is not pruner.backbone else None)
+
+
+def _budget_neutral(pruner: StampPruner, probs: Sequence[torch.Tensor], hard: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``probs`` whose gradient ``g`` becomes ``g - lambda * m``: ``m`` is each channel's marginal
+    MACs at the hard mask, ``lambda = sum(g) / sum(m)``, so a common shift of every probability (which
+    the calibration ignores) gets no gradient, and a channel gains score only where its first-order
+    benefit per MAC beats the episode's average."""
+    counts = torch.stack([z.detach().sum() for z in hard]).to(pruner.structure.device).double().requires_grad_(True)
+    (per_group,) = torch.autograd.grad(pruner.structure.macs(counts), counts)
+    flat = torch.cat(list(probs))
+    m = torch.cat([per_group[g].expand(len(p)) for g, p in enumerate(probs)]).to(flat.device, flat.dtype)
+    m = m / m.mean().clamp_min(1e-12)
+    if flat.requires_grad:
+        flat.register_hook(lambda g: g - (g.sum() / m.sum()) * m)
+    return list(flat.split([len(p) for p in probs]))
 
 
 def _budget_penalty(pruner: StampPruner, probs: Sequence[torch.Tensor], macs_ratio: float,

@@ -24,14 +24,15 @@ import torch
 from stamp_core import MetaConfig, StampPruner, make_optimizer, meta_train_step
 from tests.stamp_core._tasks import FAMILIES, cross_evaluate, held_out_task, make_episode, two_family_backbone
 
-def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, macs_weight: float | None = None) -> dict:
+def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, macs_weight: float | None = None,
+        gradient: str = "plain") -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     backbone = two_family_backbone(gen)
     pruner = StampPruner.create(copy.deepcopy(backbone), generator=generator)
     untrained = StampPruner.create(copy.deepcopy(backbone), generator=generator)
     opt = make_optimizer(pruner, lr=1e-3, backbone_lr=1e-4)
-    cfg = MetaConfig(objective=objective, inner_steps=2 if objective == "deployed" else 0)
+    cfg = MetaConfig(objective=objective, inner_steps=2 if objective == "deployed" else 0, deployed_gradient=gradient)
     if macs_weight is not None:  # the deployed objective's optional budget penalty
         cfg = dataclasses.replace(cfg, macs_weight=macs_weight, deployed_macs_penalty=True)
     t0 = time.perf_counter()
@@ -45,7 +46,7 @@ def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, 
         acc = cross_evaluate(p, tasks, {f: p.summarize(*tasks[f][:2]) for f in FAMILIES}, ratio)
         return {f: {k: round(v, 1) for k, v in a.items()} for f, a in acc.items()}
 
-    return {"generator": generator, "objective": objective, "seed": seed, "episodes": episodes, "ratio": ratio, "macs_weight": macs_weight,
+    return {"generator": generator, "objective": objective, "seed": seed, "episodes": episodes, "ratio": ratio, "macs_weight": macs_weight, "gradient": gradient,
             "train_seconds": round(train_seconds, 1), "trained": scores(pruner), "untrained": scores(untrained)}
 
 
@@ -58,11 +59,13 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--macs-weight", type=float, default=None,
                     help="deployed objective: add the budget penalty with this weight (default: off)")
+    ap.add_argument("--gradient", choices=["plain", "budget_neutral"], default="plain",
+                    help="deployed objective: straight-through gradient variant")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for seed in args.seeds:
-        print(json.dumps(run(args.generator, args.objective, seed, args.episodes, args.ratio, args.macs_weight)), flush=True)
+        print(json.dumps(run(args.generator, args.objective, seed, args.episodes, args.ratio, args.macs_weight, args.gradient)), flush=True)
 
 
 if __name__ == "__main__":

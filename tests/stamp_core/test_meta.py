@@ -180,3 +180,26 @@ def test_deployed_objective_trains_the_mask_generate_returns() -> None:
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
     with pytest.raises(ValueError, match="objective='soft'. expected one of relaxed, deployed"):
         MetaConfig(objective="soft")
+    with pytest.raises(ValueError, match="deployed_gradient='centred'. expected one of plain, budget_neutral"):
+        MetaConfig(deployed_gradient="centred")
+
+
+def test_budget_neutral_gradient_charges_marginal_macs_and_ignores_a_common_shift() -> None:
+    """g -> g - lambda * m with lambda = sum(g) / sum(m): the MACs-weighted gradient sums to zero, so
+    raising every keep probability together (invisible to the calibration) is not rewarded, and
+    of two channels with the same benefit the one in the costlier group loses score."""
+    from stamp_core.meta import _budget_neutral, hard_gates
+
+    torch.manual_seed(0)
+    pruner = StampPruner.create("resnet20", 4)
+    probs = [torch.rand(g.size, dtype=torch.float64, requires_grad=True) for g in pruner.structure.groups]
+    hard = hard_gates(pruner, probs, 0.3)
+    through = _budget_neutral(pruner, probs, hard)
+    sum(t.sum() for t in through).backward()  # the same benefit dCE/dz = 1 for every channel
+    grads = torch.cat([p.grad for p in probs])
+    assert grads.sum().item() == pytest.approx(0.0, abs=1e-9)
+    per_group = [p.grad[0].item() for p in probs]
+    counts = torch.tensor([float(z.sum()) for z in hard], dtype=torch.float64, requires_grad=True)
+    (cost,) = torch.autograd.grad(pruner.structure.macs(counts), counts)
+    # equal benefit: the ranking of the gradient is the reverse of the ranking of the marginal cost
+    assert sorted(range(len(cost)), key=lambda g: per_group[g]) == sorted(range(len(cost)), key=lambda g: -cost[g].item())
