@@ -234,7 +234,7 @@ def _deployed_loss(
     """
     probs = [kumaraswamy_mean(a, b) for a, b in params]
     hard = hard_gates(pruner, probs, episode.macs_ratio)
-    through = _budget_neutral(pruner, probs, hard) if cfg.deployed_gradient == "budget_neutral" else probs
+    through = budget_neutral_gradient(pruner, probs, hard) if cfg.deployed_gradient == "budget_neutral" else probs
     straight = [z + p - p.detach() for z, p in zip(hard, through)]
     net = pruner.backbone
     net.train()
@@ -273,7 +273,7 @@ def _deployed_loss(
     return loss, parts, (net if net is not pruner.backbone else None)
 
 
-def _budget_neutral(pruner: StampPruner, probs: Sequence[torch.Tensor], hard: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def budget_neutral_gradient(pruner: StampPruner, probs: Sequence[torch.Tensor], hard: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``probs`` whose gradient ``g`` becomes ``g - lambda * m``: ``m`` is each channel's marginal
     MACs at the hard mask, ``lambda = sum(g) / sum(m)``, so a common shift of every probability (which
     the calibration ignores) gets no gradient, and a channel gains score only where its first-order

@@ -188,13 +188,13 @@ def test_budget_neutral_gradient_charges_marginal_macs_and_ignores_a_common_shif
     """g -> g - lambda * m with lambda = sum(g) / sum(m): the MACs-weighted gradient sums to zero, so
     raising every keep probability together (invisible to the calibration) is not rewarded, and
     of two channels with the same benefit the one in the costlier group loses score."""
-    from stamp_core.meta import _budget_neutral, hard_gates
+    from stamp_core.meta import budget_neutral_gradient, hard_gates
 
     torch.manual_seed(0)
     pruner = StampPruner.create("resnet20", 4)
     probs = [torch.rand(g.size, dtype=torch.float64, requires_grad=True) for g in pruner.structure.groups]
     hard = hard_gates(pruner, probs, 0.3)
-    through = _budget_neutral(pruner, probs, hard)
+    through = budget_neutral_gradient(pruner, probs, hard)
     sum(t.sum() for t in through).backward()  # the same benefit dCE/dz = 1 for every channel
     grads = torch.cat([p.grad for p in probs])
     assert grads.sum().item() == pytest.approx(0.0, abs=1e-9)
