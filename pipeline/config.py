@@ -314,6 +314,12 @@ class ValidationSection(_Strict):
     #: budgets of the accuracy-vs-MACs curve validated once at the end and plotted to MLflow
     #: (``macs_ratio`` is always on it); empty = no curve.
     curve_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.5])
+    #: a registered cheap criterion (stamp_core.baselines) whose mask is scored on the same tasks,
+    #: weights and fine-tune: logs ``val_accuracy_<name>`` and ``val_gain_vs_<name>`` (STAMP minus it),
+    #: the number that says whether meta-training beats the criterion it started from. None = off.
+    reference: str | None = "l1"
+    #: also validate before the first step (step 0), the baseline of every curve.
+    at_start: bool = True
 
     @field_validator("curve_ratios")
     @classmethod
@@ -322,6 +328,17 @@ class ValidationSection(_Strict):
         if bad:
             raise ValueError(f"curve_ratios {bad} outside (0, 1]: each is a MACs ratio pruned / full")
         return sorted(set(v))
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from stamp_core.baselines import get_criterion
+
+        if get_criterion(v).trains:  # raises ValueError naming the registered criteria on a miss
+            raise ValueError(f"validation reference {v!r} trains on the task: expected a one-pass criterion such as l1")
+        return v
 
     @field_validator("sources")
     @classmethod

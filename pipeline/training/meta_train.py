@@ -285,6 +285,11 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         # Nothing left to do (a re-run of a finished run): one report keeps every rank in step.
         _report_done(ctx, step, start_step)
         return {"step": step, "start_step": start_step, "already_done": True}
+    if step == 0 and ctx.rank == 0 and cfg.validation.enabled and cfg.validation.at_start:
+        # The step-0 point of every validation curve: what the pruner does before meta-training
+        # (for an L1-start channel generator, exactly L1).
+        val_tasks = build_val_tasks(cfg, setup)
+        tracker.log(meta_validate(pruner, val_tasks, cfg), 0)
     if cfg.data.prefetch > 0:
         episodes = Prefetcher(episodes, cfg.data.prefetch)
     try:

@@ -16,7 +16,9 @@ import torch
 from pipeline.config import MetaTrainConfig
 from pipeline.data import load_split_arrays
 from pipeline.training.context import WorkerSetup
-from stamp_core import PruneSpec, StampPruner, TaskSummary, TrainConfig, jaccard_distance, prepare_images, prune_for_task
+from stamp_core import (PruneSpec, StampPruner, TaskSummary, TrainConfig, build_task_model, jaccard_distance,
+                        prepare_images, prune_and_finetune, prune_for_task)
+from stamp_core.baselines import ScoringInput, spec_by_criterion
 
 
 @dataclass
@@ -79,34 +81,50 @@ def _cpu_copy(pruner: StampPruner) -> StampPruner:
     return copy
 
 
+def _finetune_settings(cfg: MetaTrainConfig, task_index: int) -> TrainConfig:
+    vc = cfg.validation
+    return TrainConfig(epochs=vc.finetune_epochs, batch_size=vc.batch_size, lr=vc.finetune_lr, seed=vc.seed + task_index)
+
+
 def _validate_at(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig, macs_ratio: float
                  ) -> tuple[list[float], list[float], list[PruneSpec]]:
     """Accuracy after / before the fine-tune and the spec of every task pruned at ``macs_ratio``."""
-    vc = cfg.validation
     accs, accs0, specs = [], [], []
     with torch.random.fork_rng(devices=[]):
         on_cpu = next(pruner.parameters()).device.type == "cpu"
         model = pruner if on_cpu else _cpu_copy(pruner)  # mask calibration runs on CPU
         for i, task in enumerate(tasks):
-            res = prune_for_task(
-                model,
-                task.x_train,
-                task.y_train,
-                task.x_test,
-                task.y_test,
-                macs_ratio=macs_ratio,
-                finetune=TrainConfig(epochs=vc.finetune_epochs, batch_size=vc.batch_size, lr=vc.finetune_lr,
-                                     seed=vc.seed + i),
-            )
+            res = prune_for_task(model, task.x_train, task.y_train, task.x_test, task.y_test,
+                                 macs_ratio=macs_ratio, finetune=_finetune_settings(cfg, i))
             accs.append(float(res.accuracy))
             accs0.append(float(res.accuracy_before_finetune))
             specs.append(res.spec)
     return accs, accs0, specs
 
 
+def reference_accuracies(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig, criterion: str,
+                         macs_ratio: float) -> list[float]:
+    """Accuracy of each task pruned by ``criterion`` instead of STAMP: same weights (the pruner's
+    backbone), budget, fine-tune settings and seeds, so the difference is the mask alone."""
+    accs = []
+    with torch.random.fork_rng(devices=[]):
+        model = pruner if next(pruner.parameters()).device.type == "cpu" else _cpu_copy(pruner)
+        for i, task in enumerate(tasks):
+            # one-batch criteria (SNIP, GraSP) need the task's head: the full net with a prototype head
+            scored = build_task_model(model.backbone, None, task.x_train, task.y_train)
+            spec = spec_by_criterion(criterion, ScoringInput(scored, model.structure, task.x_train, task.y_train,
+                                                             macs_ratio, seed=cfg.validation.seed + i),
+                                     model.backbone.config)
+            res = prune_and_finetune(model.backbone, spec, task.x_train, task.y_train, task.x_test, task.y_test,
+                                     _finetune_settings(cfg, i))
+            accs.append(float(res.accuracy))
+    return accs
+
+
 def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfig,
                   specs_out: list[PruneSpec] | None = None) -> dict[str, float]:
-    """Prune every held-out task at ``validation.macs_ratio``, fine-tune briefly, score.
+    """Prune every held-out task at ``validation.macs_ratio``, fine-tune briefly, score; the same
+    for ``validation.reference``'s mask (``val_gain_vs_<reference>``: STAMP minus it, points/100).
 
     Runs on a forked RNG so validating does not change the training trajectory. ``specs_out``,
     when given, receives each task's spec (the end-of-run plots reuse them).
@@ -116,8 +134,14 @@ def meta_validate(pruner: StampPruner, tasks: list[ValTask], cfg: MetaTrainConfi
     accs, accs0, specs = _validate_at(pruner, tasks, cfg, vc.macs_ratio)
     if specs_out is not None:
         specs_out[:] = specs
+    reference = {}
+    if vc.reference:
+        ref = reference_accuracies(pruner, tasks, cfg, vc.reference, vc.macs_ratio)
+        reference = {f"val_accuracy_{vc.reference}": float(np.mean(ref)),
+                     f"val_gain_vs_{vc.reference}": float(np.mean(accs) - np.mean(ref))}
     return {
         "val_accuracy": float(np.mean(accs)),
+        **reference,
         "val_accuracy_before_finetune": float(np.mean(accs0)),
         "val_macs_ratio": float(np.mean([s.macs_pruned / s.macs_full for s in specs])),
         "val_macs_ratio_target": vc.macs_ratio,
@@ -190,7 +214,7 @@ def log_run_plots(client: Any, run_id: str, pruner: StampPruner, tasks: list[Val
         {f"STAMP, {len(tasks)} held-out tasks, {vc.finetune_epochs} fine-tune epoch(s)": curve},
         title="Meta-validation accuracy vs MACs")
     keys = ["ce", "accuracy", "expected_macs_ratio", "macs_gap", "data_wait_fraction", "val_accuracy",
-            "val_embedding_min_cosine", "val_jaccard_vs_mean"]
+            *([f"val_gain_vs_{vc.reference}"] if vc.reference else []), "val_embedding_min_cosine", "val_jaccard_vs_mean"]
     history: dict[int, dict[str, float]] = {}
     for key in keys:
         for m in client.get_metric_history(run_id, key):

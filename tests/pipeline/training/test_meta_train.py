@@ -137,8 +137,11 @@ def test_two_workers_recover_from_a_killed_worker_then_resume_by_name(
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(mlflow_server).get_run(first.mlflow_run_id)
-    for key in (*LOSS_PARTS, "data_wait_fraction", "episodes_per_s", "peak_rss_mb", "val_accuracy"):
+    for key in (*LOSS_PARTS, "data_wait_fraction", "episodes_per_s", "peak_rss_mb", "val_accuracy", "val_gain_vs_l1"):
         assert key in run.data.metrics, key
+    # validation.at_start: the curve starts at step 0, before any update; every: 0 adds only the end
+    val_steps = {m.step for m in MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "val_accuracy")}
+    assert val_steps == {0, 6}
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["scaling.num_workers"] == "2"
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert not any(secret in v for v in [*run.data.params.values(), *run.data.tags.values()])

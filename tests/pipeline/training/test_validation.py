@@ -61,3 +61,43 @@ def test_adaptivity_diagnostics_tell_a_task_blind_pruner_from_a_task_sensitive_o
     specs = [sensitive.generate(t.x_train, t.y_train, macs_ratio=0.3) for t in tasks]
     found = adaptivity_diagnostics(sensitive, tasks, 0.3, specs)
     assert found["val_jaccard_vs_mean"] > 0.0 and found["val_jaccard_between_tasks"] > 0.0
+
+
+def test_reference_criterion_is_scored_on_the_same_tasks_and_a_fresh_l1_start_ties_it(local_catalog: str) -> None:
+    """``val_gain_vs_l1`` is STAMP minus L1 on the same weights, tasks and fine-tune seeds: a fresh
+    channel generator starts exactly at L1's mask, so the gain is exactly 0. A planted criterion
+    shows the reference really prunes each task with the named criterion, at the validation budget."""
+    from pipeline.training.validation import meta_validate, reference_accuracies
+    from stamp_core.baselines import register_criterion, score_uniform, unregister_criterion
+
+    cfg, setup, _ = prepare_meta_train(tiny_meta_config(local_catalog, pruner={"generator": "channel", "score_init": "l1"}))
+    tasks = build_val_tasks(cfg, setup)
+    torch.manual_seed(0)
+    pruner = build_pruner(cfg)
+    metrics = meta_validate(pruner, tasks, cfg)
+    assert metrics["val_accuracy_l1"] == metrics["val_accuracy"]
+    assert metrics["val_gain_vs_l1"] == 0.0
+
+    seen: list[tuple[int, float]] = []
+
+    @register_criterion("planted_last", "planted")
+    def _planted(inp):  # keeps the last channels of each group: not L1's mask
+        seen.append((len(inp.x), inp.macs_ratio))
+        return [s.flip(0) for s in score_uniform(inp.structure)]
+
+    try:
+        accs = reference_accuracies(pruner, tasks, cfg, "planted_last", cfg.validation.macs_ratio)
+    finally:
+        unregister_criterion("planted_last")
+    assert seen == [(len(t.x_train), cfg.validation.macs_ratio) for t in tasks]
+    assert len(accs) == len(tasks) and all(0.0 <= a <= 1.0 for a in accs)
+
+
+def test_validation_reference_must_be_a_one_pass_criterion(local_catalog: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown pruning criterion 'l2': expected one of"):
+        tiny_meta_config(local_catalog, validation={"reference": "l2"})
+    with pytest.raises(ValidationError, match="validation reference 'bbd' trains on the task"):
+        tiny_meta_config(local_catalog, validation={"reference": "bbd"})
+    assert tiny_meta_config(local_catalog, validation={"reference": None}).validation.reference is None
