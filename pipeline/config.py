@@ -254,7 +254,11 @@ class OptimSection(_Strict):
     deployed_macs_penalty: bool = False
     #: objective=deployed only: "plain" straight-through gradient, or "budget_neutral" (each channel
     #: charged its marginal MACs so that a common shift of all keep probabilities gets no gradient)
-    deployed_gradient: Literal["plain", "budget_neutral"] = "plain"
+    #: "layer_es": no straight-through gradient; antithetic ES on one logit shift per layer (how many
+    #: channels each layer keeps), every perturbed mask calibrated and scored like the deployed one
+    deployed_gradient: Literal["plain", "budget_neutral", "layer_es"] = "plain"
+    es_pairs: int = Field(4, ge=1, le=64)  #: layer_es: antithetic pairs of per-layer shifts per episode
+    es_sigma: float = Field(0.5, gt=0)  #: layer_es: standard deviation of a layer's logit shift
     #: "bf16": meta-training losses under bfloat16 autocast (GPUs with bf16; on CPU it is slower);
     #: weights, gradients and the optimizer stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -20,6 +20,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class Episode:
 
 
 OBJECTIVES = ("relaxed", "deployed")
-DEPLOYED_GRADIENTS = ("plain", "budget_neutral")
+DEPLOYED_GRADIENTS = ("plain", "budget_neutral", "layer_es")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -80,7 +81,13 @@ class MetaConfig:
     #: ``dCE/dz`` as is; "budget_neutral": minus ``lambda * dMACs/dz`` with ``lambda`` chosen per
     #: episode so that raising every channel's probability together gets no gradient (the
     #: calibration ignores such a shift); each channel is charged its marginal MACs.
+    #: "layer_es": no straight-through gradient; antithetic evolution strategies on one logit shift
+    #: per layer (``es_pairs`` pairs of +-``es_sigma`` shifts, each mask calibrated and scored like
+    #: the unperturbed one), i.e. the gradient of the deployed loss with respect to how many channels
+    #: each layer keeps. It sees what first-order gradients cannot: emptying a layer is catastrophic.
     deployed_gradient: str = "plain"
+    es_pairs: int = 4  #: "layer_es": antithetic pairs of per-layer shifts per episode
+    es_sigma: float = 0.5  #: "layer_es": standard deviation of a layer's logit shift
     #: "bf16": the meta-batch loss runs under ``torch.autocast(bfloat16)`` on the pruner's device
     #: (convolutions and matmuls in bf16; weights, gradients and the optimizer stay float32);
     #: "fp32": no autocast.
@@ -93,6 +100,8 @@ class MetaConfig:
             raise ValueError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.deployed_gradient not in DEPLOYED_GRADIENTS:
             raise ValueError(f"deployed_gradient={self.deployed_gradient!r}: expected one of {', '.join(DEPLOYED_GRADIENTS)}")
+        if self.es_pairs < 1 or not self.es_sigma > 0:
+            raise ValueError(f"es_pairs={self.es_pairs}, es_sigma={self.es_sigma}: expected at least one pair and sigma > 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
@@ -201,11 +210,13 @@ def episode_loss(
     return loss, parts, (net if net is not pruner.backbone else None)
 
 
-def hard_gates(pruner: StampPruner, probs: Sequence[torch.Tensor], macs_ratio: float) -> list[torch.Tensor]:
-    """0/1 gates of the mask ``generate`` would return for these keep probabilities and budget."""
+def hard_gates(pruner: StampPruner, probs: Sequence[torch.Tensor], macs_ratio: float,
+               like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """0/1 gates of the mask ``generate`` would return for these keep probabilities (or any scores
+    ranked the same way) and budget; ``like``: tensors whose dtype and device the gates take."""
     kept = calibrate_masks([p.detach().cpu() for p in probs], pruner.structure, macs_ratio)
     gates = []
-    for p, idx in zip(probs, kept):
+    for p, idx in zip(like if like is not None else probs, kept):
         z = torch.zeros_like(p)
         z[torch.as_tensor(idx, dtype=torch.long, device=p.device)] = 1.0
         gates.append(z)
@@ -233,29 +244,21 @@ def _deployed_loss(
     benchmark decides.
     """
     probs = [kumaraswamy_mean(a, b) for a, b in params]
-    hard = hard_gates(pruner, probs, episode.macs_ratio)
-    through = budget_neutral_gradient(pruner, probs, hard) if cfg.deployed_gradient == "budget_neutral" else probs
-    straight = [z + p - p.detach() for z, p in zip(hard, through)]
-    net = pruner.backbone
-    net.train()
-    with frozen_norm_statistics(net):
-        with torch.no_grad(), pruner.gates.apply(hard):
-            head = prototype_head(net.features(episode.support_x), episode.support_y, episode.num_classes)
-        if cfg.inner_steps > 0:
-            net = copy.deepcopy(net)  # the gate hooks are shared functions, so the copy is gated too
-            head = head.clone().requires_grad_(True)
-            opt = torch.optim.SGD([*net.parameters(), head], lr=cfg.inner_lr, momentum=0.9)
-            for _ in range(cfg.inner_steps):
-                with pruner.gates.apply(hard):
-                    inner = F.cross_entropy(_cosine_logits(net.features(episode.support_x), head, cfg.head_scale),
-                                            episode.support_y)
-                opt.zero_grad()
-                inner.backward()
-                opt.step()
-            head = head.detach()
-        with pruner.gates.apply(straight):
-            logits = _cosine_logits(net.features(episode.query_x), head, cfg.head_scale)
-    ce = F.cross_entropy(logits, episode.query_y)
+    if cfg.deployed_gradient == "layer_es":
+        ce, accuracy, hard = _layer_es_surrogate(pruner, episode, cfg, probs)
+        net = pruner.backbone
+    else:
+        hard = hard_gates(pruner, probs, episode.macs_ratio)
+        through = budget_neutral_gradient(pruner, probs, hard) if cfg.deployed_gradient == "budget_neutral" else probs
+        straight = [z + p - p.detach() for z, p in zip(hard, through)]
+        net = pruner.backbone
+        net.train()
+        with frozen_norm_statistics(net):
+            net, head = _adapt_masked(pruner, hard, episode, cfg)
+            with pruner.gates.apply(straight):
+                logits = _cosine_logits(net.features(episode.query_x), head, cfg.head_scale)
+        ce = F.cross_entropy(logits, episode.query_y)
+        accuracy = float((logits.argmax(1) == episode.query_y).float().mean())
     kept = torch.stack([z.sum() for z in hard])
     ratio = pruner.structure.macs(kept.to(pruner.structure.device)).float() / pruner.structure.macs_full
     penalty, soft_ratio = _budget_penalty(pruner, probs, episode.macs_ratio, cfg)
@@ -268,9 +271,77 @@ def _deployed_loss(
         "expected_macs_ratio": float(ratio),
         "soft_macs_ratio": float(soft_ratio.detach()),
         "target_macs_ratio": float(episode.macs_ratio),
-        "accuracy": float((logits.argmax(1) == episode.query_y).float().mean()),
+        "accuracy": accuracy,
     }
     return loss, parts, (net if net is not pruner.backbone else None)
+
+
+def _adapt_masked(pruner: StampPruner, hard: Sequence[torch.Tensor], episode: Episode, cfg: MetaConfig
+                  ) -> tuple[nn.Module, torch.Tensor]:
+    """The backbone (a fine-tuned copy when ``cfg.inner_steps``) and the prototype head of the pruned net.
+
+    Call inside :func:`frozen_norm_statistics` with the backbone in train mode.
+    """
+    net = pruner.backbone
+    with torch.no_grad(), pruner.gates.apply(hard):
+        head = prototype_head(net.features(episode.support_x), episode.support_y, episode.num_classes)
+    if cfg.inner_steps > 0:
+        net = copy.deepcopy(net)  # the gate hooks are shared functions, so the copy is gated too
+        head = head.clone().requires_grad_(True)
+        opt = torch.optim.SGD([*net.parameters(), head], lr=cfg.inner_lr, momentum=0.9)
+        for _ in range(cfg.inner_steps):
+            with pruner.gates.apply(hard):
+                inner = F.cross_entropy(_cosine_logits(net.features(episode.support_x), head, cfg.head_scale),
+                                        episode.support_y)
+            opt.zero_grad()
+            inner.backward()
+            opt.step()
+        head = head.detach()
+    return net, head
+
+
+def _masked_query_ce(pruner: StampPruner, hard: Sequence[torch.Tensor], episode: Episode, cfg: MetaConfig
+                     ) -> tuple[float, float]:
+    """Query CE and accuracy of the pruned net after the inner fine-tune; no gradient leaves."""
+    net = pruner.backbone
+    was_training = net.training
+    net.train()
+    try:
+        with frozen_norm_statistics(net):
+            net, head = _adapt_masked(pruner, hard, episode, cfg)
+            with torch.no_grad(), pruner.gates.apply(hard):
+                logits = _cosine_logits(net.features(episode.query_x), head, cfg.head_scale)
+    finally:
+        pruner.backbone.train(was_training)
+    return float(F.cross_entropy(logits, episode.query_y)), float((logits.argmax(1) == episode.query_y).float().mean())
+
+
+def _layer_es_surrogate(pruner: StampPruner, episode: Episode, cfg: MetaConfig, probs: Sequence[torch.Tensor]
+                        ) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+    """Antithetic ES on per-layer shifts of the keep logits; returns (surrogate, accuracy, unperturbed mask).
+
+    The surrogate's value is the mean query CE of the perturbed masks; its gradient with respect to
+    every logit of layer ``g`` is the ES estimate of ``dCE/d shift_g`` shared over the layer's
+    channels, so training moves how many channels each layer keeps and leaves the ranking inside a
+    layer to the base scores. Both masks of a pair see the same episode and inner steps (common random
+    numbers), so their difference is the mask's effect alone.
+    """
+    logits = [torch.logit(p.clamp(1e-6, 1 - 1e-6)) for p in probs]
+    shifts = torch.randn(cfg.es_pairs, len(logits), dtype=torch.float64)
+    grad = torch.zeros(len(logits), dtype=torch.float64)
+    ces, accs = [], []
+    for u in shifts:
+        pair = []
+        for sign in (1.0, -1.0):
+            scores = [(l.detach().double().cpu() + sign * cfg.es_sigma * float(u[g])) for g, l in enumerate(logits)]
+            ce, acc = _masked_query_ce(pruner, hard_gates(pruner, scores, episode.macs_ratio, like=probs), episode, cfg)
+            pair.append(ce)
+            ces.append(ce)
+            accs.append(acc)
+        grad += (pair[0] - pair[1]) * u / (2.0 * cfg.es_sigma * cfg.es_pairs)
+    surrogate = sum((l * (float(grad[g]) / len(l))).sum() for g, l in enumerate(logits))
+    value = torch.as_tensor(float(np.mean(ces)), dtype=surrogate.dtype, device=surrogate.device)
+    return surrogate - surrogate.detach() + value, float(np.mean(accs)), hard_gates(pruner, probs, episode.macs_ratio)
 
 
 def budget_neutral_gradient(pruner: StampPruner, probs: Sequence[torch.Tensor], hard: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -172,7 +172,8 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     meta_cfg = MetaConfig(kl_weight=o.kl_weight, macs_weight=o.macs_weight, head_scale=o.head_scale,
                           inner_steps=o.inner_steps, inner_lr=o.inner_lr, label_free_prob=o.label_free_prob,
                           budget_penalty=o.budget_penalty, objective=o.objective, precision=o.precision,
-                          deployed_macs_penalty=o.deployed_macs_penalty, deployed_gradient=o.deployed_gradient)
+                          deployed_macs_penalty=o.deployed_macs_penalty, deployed_gradient=o.deployed_gradient,
+                          es_pairs=o.es_pairs, es_sigma=o.es_sigma)
     # The hook all-reduces, then clips with the configured norm (meta_train_step's own 5.0 clip
     # comes after it and is a no-op for grad_clip <= 5, which the config enforces).
     grad_hook = _make_grad_hook(ctx, o.grad_clip)

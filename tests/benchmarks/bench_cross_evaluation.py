@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--macs-weight", type=float, default=None,
                     help="deployed objective: add the budget penalty with this weight (default: off)")
-    ap.add_argument("--gradient", choices=["plain", "budget_neutral"], default="plain",
-                    help="deployed objective: straight-through gradient variant")
+    ap.add_argument("--gradient", choices=["plain", "budget_neutral", "layer_es"], default="plain",
+                    help="deployed objective: gradient estimator (layer_es: ES on per-layer keep shifts)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
