@@ -17,7 +17,7 @@ from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, chan
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.meta import Episode, MetaConfig, budget_neutral_gradient, episode_loss, frozen_norm_statistics, make_optimizer, meta_batch_loss, meta_train_step, prototype_head, task_summary
+from stamp_core.meta import Episode, MetaConfig, budget_neutral_gradient, episode_loss, layer_es_surrogate, frozen_norm_statistics, make_optimizer, meta_batch_loss, meta_train_step, prototype_head, task_summary
 from stamp_core.preprocess import prepare_images
 from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
@@ -30,7 +30,7 @@ __all__ = [
     "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
-    "Episode", "MetaConfig", "budget_neutral_gradient", "episode_loss", "frozen_norm_statistics", "make_optimizer", "meta_batch_loss", "meta_train_step",
+    "Episode", "MetaConfig", "budget_neutral_gradient", "episode_loss", "layer_es_surrogate", "frozen_norm_statistics", "make_optimizer", "meta_batch_loss", "meta_train_step",
     "prototype_head", "task_summary",
     "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
     "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError", "jaccard_distance",

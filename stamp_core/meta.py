@@ -245,7 +245,7 @@ def _deployed_loss(
     """
     probs = [kumaraswamy_mean(a, b) for a, b in params]
     if cfg.deployed_gradient == "layer_es":
-        ce, accuracy, hard = _layer_es_surrogate(pruner, episode, cfg, probs)
+        ce, accuracy, hard = layer_es_surrogate(pruner, episode, cfg, probs)
         net = pruner.backbone
     else:
         hard = hard_gates(pruner, probs, episode.macs_ratio)
@@ -316,7 +316,7 @@ def _masked_query_ce(pruner: StampPruner, hard: Sequence[torch.Tensor], episode:
     return float(F.cross_entropy(logits, episode.query_y)), float((logits.argmax(1) == episode.query_y).float().mean())
 
 
-def _layer_es_surrogate(pruner: StampPruner, episode: Episode, cfg: MetaConfig, probs: Sequence[torch.Tensor]
+def layer_es_surrogate(pruner: StampPruner, episode: Episode, cfg: MetaConfig, probs: Sequence[torch.Tensor]
                         ) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
     """Antithetic ES on per-layer shifts of the keep logits; returns (surrogate, accuracy, unperturbed mask).
 
@@ -326,7 +326,8 @@ def _layer_es_surrogate(pruner: StampPruner, episode: Episode, cfg: MetaConfig, 
     layer to the base scores. Both masks of a pair see the same episode and inner steps (common random
     numbers), so their difference is the mask's effect alone.
     """
-    logits = [torch.logit(p.clamp(1e-6, 1 - 1e-6)) for p in probs]
+    # clamped for the value only: a saturated layer keeps its gradient and can be grown back
+    logits = [torch.logit(p + (p.clamp(1e-6, 1 - 1e-6) - p).detach()) for p in probs]
     shifts = torch.randn(cfg.es_pairs, len(logits), dtype=torch.float64)
     grad = torch.zeros(len(logits), dtype=torch.float64)
     ces, accs = [], []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _tasks import FAMILIES, cross_evaluate, held_out_task, make_episode, two_family_backbone
-from stamp_core import MetaConfig, StampPruner, TaskSummary, make_optimizer, meta_batch_loss, meta_train_step
+from stamp_core import MetaConfig, StampPruner, TaskSummary, layer_es_surrogate, make_optimizer, meta_batch_loss, meta_train_step
 
 
 def _episode(seed: int = 0, ratio: float = 0.3):
@@ -203,3 +203,27 @@ def test_budget_neutral_gradient_charges_marginal_macs_and_ignores_a_common_shif
     (cost,) = torch.autograd.grad(pruner.structure.macs(counts), counts)
     # equal benefit: the ranking of the gradient is the reverse of the ranking of the marginal cost
     assert sorted(range(len(cost)), key=lambda g: per_group[g]) == sorted(range(len(cost)), key=lambda g: -cost[g].item())
+
+
+def test_layer_es_raises_a_starved_layer_and_leaves_the_ranking_inside_layers(backbone_of_two_families: torch.nn.Module) -> None:
+    """The ES surrogate's gradient is one number per layer (shared by its channels, so the ranking
+    inside a layer stays the base scores'), and it is negative for a layer squeezed to one channel:
+    keeping more of it lowers the deployed loss. Its value is the mean query CE of the scored masks."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    pruner = StampPruner.create(copy.deepcopy(backbone_of_two_families), generator="channel")
+    ep = make_episode("orientation", gen, macs_ratio=0.5)
+    logits = [torch.randn(g.size, dtype=torch.float64) for g in pruner.structure.groups]
+    starved = 1
+    logits[starved] -= 8.0  # ranked last: calibration keeps the one channel every group must keep
+    logits = [lg.requires_grad_(True) for lg in logits]
+    cfg = MetaConfig(objective="deployed", inner_steps=2, deployed_gradient="layer_es", es_pairs=8, es_sigma=1.0)
+    surrogate, accuracy, hard = layer_es_surrogate(pruner, ep, cfg, [torch.sigmoid(lg) for lg in logits])
+    assert float(hard[starved].sum()) == 1.0 and 0.0 <= accuracy <= 1.0 and surrogate.item() > 0.0
+    surrogate.backward()
+    per_layer = []
+    for lg in logits:
+        assert torch.allclose(lg.grad, lg.grad[0].expand_as(lg.grad), rtol=1e-6, atol=1e-12)
+        per_layer.append(float(lg.grad[0]) * len(lg))
+    assert per_layer[starved] < 0.0
+    assert per_layer[starved] == min(per_layer)  # the starved layer is the one most worth growing
