@@ -707,6 +707,11 @@ class BenchmarkConfig(_Strict):
     max_train_per_class: int | None = Field(100, ge=1)
     #: test images per class (fixed subset, the same for every method and seed); None = all.
     max_test_per_class: int | None = Field(200, ge=1)
+    #: "test": score on the target's test split (claims). "dev": never read the test split; score on
+    #: ``dev_per_class`` images per class held out of the *train* split (the same for every method and
+    #: seed) and draw training subsets from the rest: the split method development may look at.
+    evaluate_on: Literal["test", "dev"] = "test"
+    dev_per_class: int = Field(50, ge=1)
     #: images per class the STAMP set encoder reads.
     sample_per_class: int = Field(20, ge=1)
     #: class-balanced images in the one batch SNIP and GraSP score on.

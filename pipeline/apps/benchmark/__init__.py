@@ -37,7 +37,7 @@ from pipeline.apps.benchmark.report import (
     plot_time_vs_accuracy,
     results_markdown,
 )
-from pipeline.apps.benchmark.run import BenchmarkResult, run_benchmark, source_tasks
+from pipeline.apps.benchmark.run import BenchmarkResult, dev_split, run_benchmark, source_tasks
 from pipeline.apps.benchmark.stats import PairedDifference, paired_difference
 
 
@@ -53,5 +53,5 @@ __all__ = [
     "BenchmarkError", "BenchmarkResult", "CellKey", "ConfigError", "PairedDifference", "aggregate", "cost_matched",
     "jaccard_distance", "load_benchmark_config", "paired_difference", "paired_table", "plan_cells",
     "plot_benchmark_accuracy_vs_macs", "plot_time_vs_accuracy", "read_masks", "read_results", "results_markdown",
-    "run_benchmark", "source_tasks",
+    "dev_split", "run_benchmark", "source_tasks",
 ]

@@ -406,6 +406,9 @@ def results_markdown(rows: list[dict[str, Any]], cfg: BenchmarkConfig | None = N
             "target's test split.",
             "",
         ]
+        if cfg.evaluate_on == "dev":
+            lines += [f"**Dev split**: scored on {cfg.dev_per_class} images per class held out of each target's "
+                      "*training* split (test splits not read): numbers for method development, not claims.", ""]
     ok = _ok(rows)
     lines += ["## Summary", ""] + (summary_lines(rows) or ["No STAMP cells."]) + [""]
     lines += ["## 1. Mask quality: every mask on the same weights (top-1 %, mean ± std over seeds)", ""] + _mask_quality(ok)

@@ -17,6 +17,7 @@ import datetime as _dt
 import os
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.config import BenchmarkConfig, BenchmarkModel, BenchmarkTarget
+from pipeline.data import ArrayDataset
 from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune
 
 from pipeline.apps.benchmark.cells import (
@@ -138,10 +140,29 @@ def _per_class_subset(labels: np.ndarray, per_class: int | None, seed: int) -> n
     return np.sort(np.concatenate(picked))
 
 
+def dev_split(ds: ArrayDataset, per_class: int) -> ArrayDataset:
+    """``ds`` with its test split replaced by ``per_class`` training images per class (fixed seed) and
+    its train split by the remaining ones; the original test images are dropped, never read.
+
+    Raises:
+        BenchmarkError: a class has too few training images to keep some for training.
+    """
+    short = {int(c): int(n) for c, n in zip(*np.unique(ds.y_train, return_counts=True)) if n <= per_class}
+    if short:
+        raise BenchmarkError(f"target {ds.name!r}: evaluate_on=dev holds out dev_per_class={per_class} training images "
+                             f"per class, but classes {short} (class: images) have no more than that; lower dev_per_class")
+    dev = _per_class_subset(ds.y_train, per_class, 54321)
+    rest = np.setdiff1d(np.arange(len(ds.y_train)), dev)
+    return dataclasses.replace(ds, x_train=ds.x_train[rest], y_train=ds.y_train[rest],
+                               x_test=ds.x_train[dev], y_test=ds.y_train[dev])
+
+
 def _load_target(spec: BenchmarkTarget, cfg: BenchmarkConfig) -> _Target:
     from pipeline.apps.prune import resolve_data
 
     ds = resolve_data(spec.data)
+    if cfg.evaluate_on == "dev":
+        ds = dev_split(ds, cfg.dev_per_class)
     if len(ds.x_test) == 0:
         raise BenchmarkError(f"target {spec.name!r} ({spec.data}) has no test split: a benchmark scores on held-out images")
     present = np.unique(ds.y_train)

@@ -26,6 +26,7 @@ from pipeline.apps.benchmark import (
     TIME_PNG,
     BenchmarkError,
     cost_matched,
+    dev_split,
     paired_difference,
     paired_table,
     plan_cells,
@@ -422,3 +423,25 @@ def test_a_mismatched_pretrained_backbone_fails_its_cells(tiny: tuple[Path, Path
     # A bad pretrained file fails the pretrained cells only; the meta-trained weight set still runs.
     assert rows[("pretrained", "full")]["status"] == "failed" and rows[("pretrained", "stamp")]["status"] == "failed"
     assert all(rows[("meta", m)]["status"] == "ok" for m in ("full", "l1", "stamp"))
+
+
+def test_dev_split_scores_on_held_out_training_images_and_never_on_the_test_split() -> None:
+    """evaluate_on=dev: the evaluation images are training images (50 per class, disjoint from the
+    rest, which stay for training); not one test image survives; too small a class is refused."""
+    from pipeline.data import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), [60, 70, 80])
+    x = np.stack([np.full((8, 8, 1), i % 250, np.uint8) for i in range(len(y))])  # pixel = index: traceable
+    x[:, 0, 0, 0] = np.arange(len(y)) // 250
+    ds = ArrayDataset("toy", x, y, np.full((9, 8, 8, 1), 255, np.uint8), rng.integers(0, 3, 9), ["a", "b", "c"])
+    dev = dev_split(ds, 50)
+    assert np.bincount(dev.y_test).tolist() == [50, 50, 50]
+    assert np.bincount(dev.y_train).tolist() == [10, 20, 30]
+    assert not (dev.x_test == 255).all(axis=(1, 2, 3)).any()  # no original test image
+    key = lambda a: [bytes(v) for v in a.reshape(len(a), -1)]
+    assert sorted(key(dev.x_train) + key(dev.x_test)) == sorted(key(ds.x_train))  # a partition of train
+    assert not set(key(dev.x_train)) & set(key(dev.x_test))
+    assert dev_split(ds, 50).x_test.tobytes() == dev.x_test.tobytes()  # fixed: the same for every method and seed
+    with pytest.raises(BenchmarkError, match=r"dev_per_class=60 training images per class, but classes \{0: 60\}"):
+        dev_split(ds, 60)
