@@ -1,0 +1,123 @@
+"""Experiment: how much of a mask's accuracy is *allocation* (channels kept per layer) and how much is
+*ranking* (which channels inside a layer)? Scored on a target's dev split (images held out of its
+training split; the test split is never read), so method development may look at it.
+
+Masks, all on the same weights (the pruner's backbone) and through the benchmark's prune path
+(physical pruning, BatchNorm recalibration, prototype head, fine-tune):
+
+* ``l1``: torch-pruning's L1 magnitude, per-layer mean-normalised, one global threshold;
+* ``uniform``: every layer kept at the same width fraction, first channels;
+* ``l1_in_uniform``: uniform allocation, L1 ranking inside each layer;
+* ``activation_in_l1``: L1's allocation, ranked by the mean response on the target's sample;
+* ``stamp``: the pruner's own mask (from the target's sample);
+* ``stamp_in_l1``: L1's allocation, ranked by the pruner's keep probabilities;
+* ``l1_in_stamp``: the pruner's allocation, ranked by L1.
+
+Run from the repository root:
+    .venv/bin/python -m tests.benchmarks.bench_allocation --pruner PRUNER_DIR --target digits \\
+        [--budgets 0.3 0.1] [--seeds 0 1 2] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.apps.benchmark import dev_split
+from pipeline.apps.prune import resolve_data
+from pipeline.registry import load_pruner
+from stamp_core import PruneSpec, StampPruner, default_finetune, prepare_images, prune_and_finetune
+from stamp_core.baselines import score_uniform, select_spec
+from stamp_core.groups import score_l1
+from stamp_core.pruner import spec_from_kept
+
+MASKS = ("l1", "uniform", "l1_in_uniform", "activation_in_l1", "stamp", "stamp_in_l1", "l1_in_stamp")
+
+
+def _ranked(counts: Sequence[int], scores: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Top ``counts[g]`` channels of group ``g`` by ``scores[g]``."""
+    return [sorted(s.argsort(descending=True)[:n].tolist()) for n, s in zip(counts, scores)]
+
+
+def _counts(spec: PruneSpec) -> list[int]:
+    return [len(k) for k in spec.kept.values()]
+
+
+def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_per_class: int
+                  ) -> Callable[[str, float], PruneSpec]:
+    """``build(name, r)`` for every mask in :data:`MASKS` on ``pruner``'s weights and the task ``(x, y)``."""
+    structure, config = pruner.structure, pruner.backbone.config
+    l1 = score_l1(pruner.backbone, structure)
+    sample = torch.cat([torch.nonzero(y == c).flatten()[:sample_per_class] for c in y.unique()])
+    with torch.no_grad():
+        _, responses = pruner.extract_features(x[sample], channel_responses=True)
+        summary = pruner.summarize(x[sample], y[sample])
+    activation = [r.double().mean(0) for r in responses]
+
+    def build(name: str, r: float) -> PruneSpec:
+        l1_spec = select_spec(l1, structure, config, r, normalize=True)
+        if name == "l1":
+            return l1_spec
+        uniform = select_spec(score_uniform(structure), structure, config, r)
+        if name == "uniform":
+            return uniform
+        if name == "l1_in_uniform":
+            return spec_from_kept(_ranked(_counts(uniform), l1), structure, config, r)
+        if name == "activation_in_l1":
+            return spec_from_kept(_ranked(_counts(l1_spec), activation), structure, config, r)
+        probs = [p.double() for p in pruner.keep_probabilities(summary, r)]
+        stamp = pruner.generate(x[sample], y[sample], macs_ratio=r, embedding=summary)
+        if name == "stamp":
+            return stamp
+        if name == "stamp_in_l1":
+            return spec_from_kept(_ranked(_counts(l1_spec), probs), structure, config, r)
+        if name == "l1_in_stamp":
+            return spec_from_kept(_ranked(_counts(stamp), l1), structure, config, r)
+        raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)}")
+
+    return build
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pruner", required=True, help="a saved pruner directory or models:/ URI")
+    ap.add_argument("--target", required=True, help="a load_source spec, e.g. digits or npz:PATH?classes=6,7,8,9")
+    ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds")
+    ap.add_argument("--dev-per-class", type=int, default=50)
+    ap.add_argument("--max-train-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--out", default=None, help="append one JSON line per cell here")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pruner = load_pruner(args.pruner).eval()
+    ds = dev_split(resolve_data(args.target), args.dev_per_class)
+    keep = np.concatenate([np.flatnonzero(ds.y_train == c)[: args.max_train_per_class] for c in np.unique(ds.y_train)])
+    size = pruner.config.image_size
+    x, y = prepare_images(ds.x_train[keep], size), torch.as_tensor(ds.y_train[keep]).long()
+    x_dev, y_dev = prepare_images(ds.x_test, size), torch.as_tensor(ds.y_test).long()
+    build = mask_builders(pruner, x, y, sample_per_class=20)
+    for r in args.budgets:
+        for name in args.masks:
+            spec = build(name, r)
+            t0 = time.perf_counter()
+            accs = [prune_and_finetune(pruner.backbone, spec, x, y, x_dev, y_dev, default_finetune(args.epochs, s)).accuracy
+                    for s in args.seeds]
+            row = {"target": args.target, "r": r, "mask": name, "dev_accuracy": float(np.mean(accs)), "per_seed": accs,
+                   "kept_per_group": _counts(spec), "macs_ratio": spec.macs_pruned / spec.macs_full,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
