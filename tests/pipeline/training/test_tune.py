@@ -95,7 +95,14 @@ def test_two_trial_tune_registers_best_and_guards_the_champion(
         local_catalog, str(tmp_path / "ray"), register=True, model_name=model_name,
         meta_train={**base.meta_train.model_dump(mode="json"), "mlflow": {"enabled": True, "experiment": "test-tune"}},
     )
-    result = run_tune(cfg)
+    calls: list[tuple[str, dict[str, Any], bool]] = []
+    result = run_tune(cfg, on_result=lambda trial, metrics, finished: calls.append((trial, metrics, finished)))
+
+    # This process saw every trial's reports (steps 2 and 4, with the objective) and its end, in order.
+    by_trial: dict[str, list[Any]] = {}
+    for trial, metrics, finished in calls:
+        by_trial.setdefault(trial, []).append("end" if finished else (metrics["step"], "val_accuracy" in metrics))
+    assert sorted(by_trial.values()) == [[(2, True), (4, True), "end"]] * 2
 
     # No trial keeps CPUs reserved once the sweep is over (Ray Train worker groups used to leak,
     # and every later 1-CPU task in this Ray waited forever).
