@@ -70,7 +70,7 @@ def meta_train_figure(m: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def _follow(line: StageProgress, position: str, figure: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], None]:
+def follow_reports(line: StageProgress, position: str, figure: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], None]:
     """A report handler moving ``line`` to the report's ``position`` key; figures keep the last value of
     each metric (validation accuracy is only in some reports)."""
     seen: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def run_pretrain_stage(cfg: Any, console: Console, title: str | None = None) -> 
     from pipeline.training import run_pretrain
 
     with stage_progress(console, title or f"pretrain {cfg.run_name}", cfg.epochs, "epochs") as line:
-        return run_pretrain(cfg, on_report=_follow(line, "epoch", pretrain_figure))
+        return run_pretrain(cfg, on_report=follow_reports(line, "epoch", pretrain_figure))
 
 
 def run_meta_train_stage(cfg: Any, console: Console, title: str | None = None) -> Any:
@@ -97,7 +97,7 @@ def run_meta_train_stage(cfg: Any, console: Console, title: str | None = None) -
     from pipeline.training import run_meta_train
 
     with stage_progress(console, title or f"meta-train {cfg.run_name}", cfg.steps, "steps") as line:
-        return run_meta_train(cfg, on_report=_follow(line, "step", meta_train_figure))
+        return run_meta_train(cfg, on_report=follow_reports(line, "step", meta_train_figure))
 
 
 class TuneProgress:

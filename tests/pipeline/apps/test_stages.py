@@ -7,7 +7,7 @@ import re
 
 from rich.console import Console
 
-from pipeline.apps.stages import TuneProgress, _follow, meta_train_figure, pretrain_figure
+from pipeline.apps.stages import TuneProgress, follow_reports, meta_train_figure, pretrain_figure
 from pipeline.apps.terminal import stage_progress
 
 
@@ -24,7 +24,7 @@ def test_pretrain_figure_names_loss_accuracies_and_throughput() -> None:
 def test_meta_train_line_keeps_the_last_validation_accuracy_between_validations() -> None:
     console = _quiet_console()
     with stage_progress(console, "meta-train", 10, "steps") as line:
-        on_report = _follow(line, "step", meta_train_figure)
+        on_report = follow_reports(line, "step", meta_train_figure)
         on_report({"step": 5, "loss": 1.2, "expected_macs_ratio": 0.312, "target_macs_ratio": 0.3,
                    "episodes_per_s": 2.4, "val_accuracy": 0.712})
         on_report({"step": 8, "loss": 1.1, "expected_macs_ratio": 0.305, "target_macs_ratio": 0.3, "episodes_per_s": 2.5})
