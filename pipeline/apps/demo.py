@@ -295,10 +295,11 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     version, moved = stages.run("register", "register in MLflow; champion = best meta-validation accuracy",
                                 lambda _: _register_meta(meta, model_name, catalog_hash, preset))
     console.print(f"meta-train pruner: version {version} (champion {'moved' if moved else 'kept'}); "
-                  f"tune best: version {tuned.registered_version} (champion {'moved' if tuned.champion_moved else 'kept'})")
+                  f"tune best: version {tuned.registered_version} (champion {'moved' if tuned.champion_moved else 'kept'})",
+                  soft_wrap=True)
 
     def prune_stage(label: str) -> dict[str, Any]:
-        console.print(f"[bold]{label}[/]", highlight=False)  # the child process prints the progress
+        console.print(f"[bold]{label}[/]", highlight=False, soft_wrap=True)  # the child process prints the progress
         return _prune_fresh_process(model_name, preset, out_dir / "pruned", terminal)
 
     report = stages.run("prune", f"prune '{TARGET}' in a fresh process from models:/{model_name}@champion, "

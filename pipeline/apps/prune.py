@@ -652,7 +652,7 @@ class _Steps:
 
     def finish(self, summary: str) -> None:
         self._stack.close()
-        self.console.print(f"[bold]done[/]: {summary}", highlight=False)
+        self.console.print(f"[bold]done[/]: {summary}", highlight=False, soft_wrap=True)
 
     def fail(self, exc: BaseException) -> None:
         """Close the current line as failed (the error itself is the caller's to raise and report)."""

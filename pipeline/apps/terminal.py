@@ -159,7 +159,7 @@ def stage_progress(console: Console, title: str, total: float | None = None, uni
         yield line
     except BaseException:
         progress.stop()
-        console.print(f"[bold red]failed[/] {title} after {_duration(time.perf_counter() - t0)}", highlight=False)
+        console.print(f"[bold red]failed[/] {title} after {_duration(time.perf_counter() - t0)}", highlight=False, soft_wrap=True)
         raise
     progress.stop()
     console.print(f"[green]ok[/] [bold]{title}[/]{line.summary(time.perf_counter() - t0)}", highlight=False, soft_wrap=True)
