@@ -281,16 +281,28 @@ def _trial_progress_callback(on_result: TrialHandler) -> Any:
     from ray.tune import Callback
 
     class TrialProgress(Callback):
+        def __init__(self, on_result: TrialHandler | None) -> None:
+            self.on_result = on_result
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its RunConfig (callbacks included) into the experiment state; the
+            # handler is this process's display (locks, a terminal) and stays behind.
+            return {"on_result": None}
+
+        def _call(self, trial: Any, metrics: dict[str, Any], finished: bool) -> None:
+            if self.on_result is not None:
+                _call_safely(self.on_result, trial.trial_id, metrics, finished)
+
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
-            _call_safely(on_result, trial.trial_id, dict(result), False)
+            self._call(trial, dict(result), False)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            _call_safely(on_result, trial.trial_id, {}, True)
+            self._call(trial, {}, True)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            _call_safely(on_result, trial.trial_id, {}, True)
+            self._call(trial, {}, True)
 
-    return TrialProgress()
+    return TrialProgress(on_result)
 
 
 def _call_safely(on_result: TrialHandler, trial_id: str, metrics: dict[str, Any], finished: bool) -> None:

@@ -4,6 +4,7 @@ best pruner is registered in MLflow, with the champion alias moving only for a b
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,13 @@ def test_two_trial_tune_registers_best_and_guards_the_champion(
         meta_train={**base.meta_train.model_dump(mode="json"), "mlflow": {"enabled": True, "experiment": "test-tune"}},
     )
     calls: list[tuple[str, dict[str, Any], bool]] = []
-    result = run_tune(cfg, on_result=lambda trial, metrics, finished: calls.append((trial, metrics, finished)))
+    lock = threading.Lock()  # like a real display's: the handler cannot be pickled (Tune pickles its RunConfig)
+
+    def on_result(trial: str, metrics: dict[str, Any], finished: bool) -> None:
+        with lock:
+            calls.append((trial, metrics, finished))
+
+    result = run_tune(cfg, on_result=on_result)
 
     # This process saw every trial's reports (steps 2 and 4, with the objective) and its end, in order.
     by_trial: dict[str, list[Any]] = {}
