@@ -308,7 +308,9 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     stages.seconds["total"] = time.perf_counter() - t_start
 
     table = _table(report, full)
-    out.print(table, width=max(out.width, 130))
+    # Console.print(width=) only narrows: a console of its own keeps the table's columns unfolded
+    # on a narrow terminal and off one (rich assumes 80 columns there).
+    Console(file=out.file, width=max(out.width, 130), highlight=False).print(table)
     times = Table(title="stage times", show_header=True)
     times.add_column("stage")
     times.add_column("seconds", justify="right")
@@ -324,5 +326,5 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     (out_dir / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
     _log_report(report, full, stages.seconds, markdown, out_dir)
     out.print(f"report: {out_dir / 'demo_report.md'}; pruned model: {out_dir / 'pruned'}; "
-              f"champion: models:/{model_name}@champion")
+              f"champion: models:/{model_name}@champion", soft_wrap=True)
     return result
