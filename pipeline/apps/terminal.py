@@ -6,7 +6,9 @@ its loggers. Rather than chase each one, :func:`route_output` points the process
 and 2 at a log file and hands back terminal streams (duplicates of the original descriptors) for
 our own consoles. Child processes inherit the redirected descriptors, so their library output
 lands in the same file; give a child whose output is meant for the user the terminal streams.
-``--verbose`` (``log_path=None``) leaves everything on the terminal, as before.
+Warnings and errors of our own loggers (``pipeline.*``, e.g. "MLflow logging skipped ... (training
+continues)") are shown on the terminal as ``warning: ...`` lines as well. ``--verbose``
+(``log_path=None``) leaves everything on the terminal, as before.
 
 :func:`stage_progress` is the one progress renderer of the CLI: one line per stage with the
 done/total count, elapsed time, ETA and the stage's key figure (loss, accuracy, images/s). On a
@@ -16,6 +18,7 @@ printed, so a stage is one line whatever its length.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -43,6 +46,13 @@ class Terminal:
         return Console(file=self.err, highlight=False), Console(file=self.out)
 
 
+class _PlainWarning(logging.Formatter):
+    """``warning: MESSAGE`` / ``error: MESSAGE``: no logger names or timestamps on the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 @contextmanager
 def route_output(log_path: Path | None) -> Iterator[Terminal]:
     """Send everything written to descriptors 1 and 2 to ``log_path`` until the block ends.
@@ -66,9 +76,14 @@ def route_output(log_path: Path | None) -> Iterator[Terminal]:
         os.dup2(fd, 2)
     finally:
         os.close(fd)
+    ours = logging.StreamHandler(err)
+    ours.setLevel(logging.WARNING)
+    ours.setFormatter(_PlainWarning())
+    logging.getLogger("pipeline").addHandler(ours)
     try:
         yield Terminal(out, err, log_path)
     finally:
+        logging.getLogger("pipeline").removeHandler(ours)
         for stream in (sys.stdout, sys.stderr, out, err):
             try:
                 stream.flush()

@@ -34,6 +34,7 @@ with route_output(log) as term:
     subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child noise\\\\n')"], check=True)
     progress.print("stage 1 done")
     results.print("| table |")
+    logging.getLogger("pipeline.training.tracking").warning("MLflow logging skipped at step 3 (training continues)")
 print("after the block")
 """
 LIBRARY = ("core_worker.cc", "Successfully registered model", "(RayTrainWorker pid=42)", "child noise")
@@ -57,6 +58,9 @@ def test_library_lines_go_to_the_log_file_and_ours_to_the_terminal(tmp_path: Pat
         assert line in text, line
     assert "stage 1 done" not in text and "| table |" not in text
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    # A warning of our own reaches the terminal in plain words (and stays in the log with the rest).
+    assert "warning: MLflow logging skipped at step 3 (training continues)\n" in done.stderr
+    assert "WARNING pipeline.training.tracking: MLflow logging skipped" in text
 
 
 def test_verbose_leaves_everything_on_the_terminal(tmp_path: Path) -> None:
