@@ -218,7 +218,7 @@ def datasets_remove(
 
 
 # ----------------------------------------------------------------------------- jobs
-def _run_job(kind: str, config: Path, overrides: list[str], verbose: bool) -> Any:
+def run_job(kind: str, config: Path, overrides: list[str], verbose: bool) -> Any:
     """Validate the config (fails before any cluster work), then run the job here with one progress line.
 
     Ray's and MLflow's own log lines go to ``logs/<kind>.log`` in the run's local directory
@@ -252,21 +252,21 @@ _VERBOSE = typer.Option(False, "--verbose", help="Show Ray's and MLflow's own lo
 @_friendly
 def pretrain(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """Reference pretraining of the backbone on the source datasets (Ray Train)."""
-    _run_job("pretrain", config, overrides or [], verbose)
+    run_job("pretrain", config, overrides or [], verbose)
 
 
 @app.command("meta-train")
 @_friendly
 def meta_train(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """STAMP meta-training of the pruner (Ray Train, N workers, checkpoints, resumable by name)."""
-    _run_job("meta_train", config, overrides or [], verbose)
+    run_job("meta_train", config, overrides or [], verbose)
 
 
 @app.command()
 @_friendly
 def tune(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """Ray Tune sweep over loss weights and learning rates; registers the best pruner."""
-    _run_job("tune", config, overrides or [], verbose)
+    run_job("tune", config, overrides or [], verbose)
 
 
 @app.command()

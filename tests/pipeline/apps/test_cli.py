@@ -95,7 +95,7 @@ def test_pretrain_shows_one_progress_line_and_routes_library_lines_to_the_runs_l
     import re
     import stat
 
-    from pipeline.apps.cli import _run_job
+    from pipeline.apps.cli import run_job
     from pipeline.data import build_procedural, ingest_dataset
 
     data = tmp_path / "data"
@@ -111,7 +111,7 @@ def test_pretrain_shows_one_progress_line_and_routes_library_lines_to_the_runs_l
     )
     monkeypatch.setenv("STAMP_HOME", str(tmp_path / "home"))
     capfd.readouterr()
-    result = _run_job("pretrain", cfg, [], verbose=False)
+    result = run_job("pretrain", cfg, [], verbose=False)
     shown = capfd.readouterr()
     assert result.epoch == 1
     stage = [line for line in shown.err.splitlines() if line.startswith("ok pretrain")]
