@@ -164,8 +164,11 @@ def stage_progress(console: Console, title: str, total: float | None = None, uni
     columns += [TextColumn("{task.fields[figure]}")]
     # transient: on a terminal the live line disappears and our own final line takes its place;
     # elsewhere no live line is drawn at all (rich would print its last frame and a blank line).
+    # redirect_*=False: rich would otherwise swap sys.stdout/sys.stderr for proxies that print
+    # onto the console above the live line, which would bring library output (Ray's forwarded
+    # worker lines are print()s) back to the terminal that route_output took it off.
     progress = Progress(*columns, console=console, transient=True, refresh_per_second=4,
-                        disable=not console.is_terminal)
+                        disable=not console.is_terminal, redirect_stdout=False, redirect_stderr=False)
     task = progress.add_task(title, total=total, figure="")
     line = StageProgress(progress, task, unit)
     t0 = time.perf_counter()

@@ -93,8 +93,11 @@ def test_a_stage_on_a_terminal_is_redrawn_in_place_with_eta() -> None:
     with stage_progress(console, "meta-train", 4, "steps") as line:
         for step in (1, 2):
             line.update(step, f"loss {step:.1f}")
+            print("(RayTrainWorker pid=42) library line")  # what Ray's log monitor does
             time.sleep(0.6)  # the live line refreshes 4 times a second
     text = buf.getvalue()
+    # The live display leaves sys.stdout alone: library output stays where route_output sent it.
+    assert "library line" not in text
     assert "\r" in text or "\x1b[2K" in text  # redrawn, not appended
     assert "2/4 steps" in text and re.search(r"ETA 0:00:0\d", text), text  # an estimate once speed is known
     assert re.search(r"ok meta-train 2/4 steps in \d+\.\d s · loss 2\.0\n$", text), text[-300:]
