@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +114,8 @@ def build_task_model(
     return model.eval()
 
 
-def _finetune(model: Backbone, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, recalibrate_bn: bool) -> list[dict[str, float]]:
+def _finetune(model: Backbone, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, recalibrate_bn: bool,
+              on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Fine-tune, then (``recalibrate_bn``) measure BatchNorm statistics of the *final* weights ("precise BN").
 
     A short fine-tune leaves the running statistics an exponential average over weights that kept
@@ -124,7 +125,7 @@ def _finetune(model: Backbone, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
     """
     if cfg.epochs <= 0:
         return []
-    history = train_classifier(model, x, y, cfg)
+    history = train_classifier(model, x, y, cfg, on_epoch=on_epoch)
     if recalibrate_bn:
         recalibrate_batchnorm(model, x)
     return history
@@ -140,6 +141,7 @@ def prune_and_finetune(
     finetune: TrainConfig | None = None,
     recalibrate_bn: bool = True,
     curve_epochs: Sequence[int] = (),
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> PruneResult:
     """Apply a mask to ``weights`` and fine-tune the small network on the task: the whole path after the mask.
 
@@ -153,6 +155,7 @@ def prune_and_finetune(
             again after fine-tuning (statistics of the final weights).
         curve_epochs: also fine-tune copies of the same start for these numbers of epochs, each a
             complete schedule, and record their test accuracy and time in ``curve`` (needs a test split).
+        on_epoch: called with each epoch's record (epoch, loss, accuracy, seconds) of the fine-tune.
     """
     finetune = finetune or default_finetune()
     has_test = x_test is not None and y_test is not None
@@ -171,7 +174,7 @@ def prune_and_finetune(
         _finetune(branch, x_train, y_train, dataclasses.replace(finetune, epochs=epochs), recalibrate_bn)
         curve[epochs] = (evaluate_accuracy(branch, x_test, y_test), time.perf_counter() - t)
     t1 = time.perf_counter()
-    history = _finetune(model, x_train, y_train, finetune, recalibrate_bn)
+    history = _finetune(model, x_train, y_train, finetune, recalibrate_bn, on_epoch)
     finetune_seconds = time.perf_counter() - t1
     acc = evaluate_accuracy(model, x_test, y_test) if has_test else None
     if has_test:
@@ -191,6 +194,7 @@ def prune_for_task(
     use_labels: bool = True,
     embedding: TaskSummary | torch.Tensor | None = None,
     recalibrate_bn: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> PruneResult:
     """STAMP's mask for the task ``(x_train, y_train)``, then :func:`prune_and_finetune` on the pruner's weights.
 
@@ -204,12 +208,14 @@ def prune_for_task(
         use_labels: give labels to the set encoder (two-level pooling).
         embedding: task summary override (the mean-embedding ablation).
         recalibrate_bn: recompute BatchNorm statistics on the task's training images.
+        on_epoch: called with each fine-tune epoch's record (epoch, loss, accuracy, seconds).
     """
     x_train, y_train = pruner.check_images(x_train, y_train)
     t0 = time.perf_counter()
     spec = pruner.generate(x_train, y_train if use_labels else None, macs_ratio=macs_ratio, round_to=round_to, embedding=embedding)
     generate_seconds = time.perf_counter() - t0
-    result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn)
+    result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn,
+                                on_epoch=on_epoch)
     result.prune_seconds += generate_seconds
     return result
 

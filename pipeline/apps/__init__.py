@@ -3,7 +3,9 @@
 ``cli`` wires the commands (and imports nothing heavy: `stamp --help` stays fast); ``prune`` is
 downstream `stamp prune` (a registered pruner + your data -> a small, fine-tuned, exported
 network), ``benchmark`` compares STAMP with pruning baselines at matched MACs, ``demo`` runs the
-whole pipeline on the embedded stack.
+whole pipeline on the embedded stack. ``terminal`` decides what reaches the terminal (Ray's and
+MLflow's lines go to a log file; one progress line per stage) and ``stages`` runs the training
+jobs under such a line for the CLI and the demo.
 
 The names below are imported on first use, not with the package: importing
 ``pipeline.apps.cli`` must not import torch, Ray or MLflow through this ``__init__``.

@@ -218,47 +218,55 @@ def datasets_remove(
 
 
 # ----------------------------------------------------------------------------- jobs
-def _run_job(kind: str, config: Path, overrides: list[str]) -> Any:
-    """Validate the config (fails before any cluster work), then run the job in this process."""
+def run_job(kind: str, config: Path, overrides: list[str], verbose: bool) -> Any:
+    """Validate the config (fails before any cluster work), then run the job here with one progress line.
+
+    Ray's and MLflow's own log lines go to ``logs/<kind>.log`` in the run's local directory
+    (``<state dir>/checkpoints/<kind>/<run name>``) unless ``verbose``.
+    """
     from pipeline import config as cfgmod
 
     model = {"pretrain": cfgmod.PretrainConfig, "meta_train": cfgmod.MetaTrainConfig, "tune": cfgmod.TuneConfig}[kind]
     cfg = cfgmod.load_config(config, overrides, model=model)
-    if kind == "tune":
-        from pipeline.training import run_tune
+    from pipeline.apps import stages
+    from pipeline.apps.terminal import route_output
+    from pipeline.training.driver import local_root
 
-        return run_tune(cfg)
-    from pipeline import training
-
-    return (training.run_pretrain if kind == "pretrain" else training.run_meta_train)(cfg)
+    run = {"pretrain": stages.run_pretrain_stage, "meta_train": stages.run_meta_train_stage, "tune": stages.run_tune_stage}[kind]
+    log = None if verbose else local_root(kind, cfg.name if kind == "tune" else cfg.run_name) / "logs" / f"{kind}.log"
+    if log is not None:
+        console.print(f"[dim]Ray and MLflow log lines go to {log} (--verbose shows them here)[/]", soft_wrap=True)
+    with route_output(log) as term, stages.ray_started_here():
+        progress, results = term.consoles() if log is not None else (console, out)
+        result = run(cfg, progress)
+        results.print(result)
+    return result
 
 
 _CONFIG = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="YAML config (see jobs/configs/).")
 _OVERRIDES = typer.Argument(None, help="Overrides as key=value, e.g. steps=200 optim.lr=3e-4.")
+_VERBOSE = typer.Option(False, "--verbose", help="Show Ray's and MLflow's own log lines instead of writing them to the run's log file.")
 
 
 @app.command()
 @_friendly
-def pretrain(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+def pretrain(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """Reference pretraining of the backbone on the source datasets (Ray Train)."""
-    result = _run_job("pretrain", config, overrides or [])
-    out.print(result)
+    run_job("pretrain", config, overrides or [], verbose)
 
 
 @app.command("meta-train")
 @_friendly
-def meta_train(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+def meta_train(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """STAMP meta-training of the pruner (Ray Train, N workers, checkpoints, resumable by name)."""
-    result = _run_job("meta_train", config, overrides or [])
-    out.print(result)
+    run_job("meta_train", config, overrides or [], verbose)
 
 
 @app.command()
 @_friendly
-def tune(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES) -> None:
+def tune(config: Path = _CONFIG, overrides: Optional[list[str]] = _OVERRIDES, verbose: bool = _VERBOSE) -> None:
     """Ray Tune sweep over loss weights and learning rates; registers the best pruner."""
-    result = _run_job("tune", config, overrides or [])
-    out.print(result)
+    run_job("tune", config, overrides or [], verbose)
 
 
 @app.command()

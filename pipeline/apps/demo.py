@@ -9,12 +9,14 @@ Stages (each timed, each with progress on the console):
 3. meta-train the STAMP pruner from it (Ray Train, 2 workers, episodes streamed from S3);
 4. tune     a small Ray Tune sweep (ASHA) over the KL weight and learning rates;
 5. register both candidates in MLflow; ``champion`` goes to the better meta-validation accuracy;
-6. prune    the unseen target in a *fresh process* from ``models:/NAME@champion`` at 30% MACs,
-            fine-tune briefly, and compare with the full network fine-tuned the same way.
+6. prune    the unseen target in a *fresh process* (``stamp prune --compare-full``) from
+            ``models:/NAME@champion`` at 30% MACs, fine-tune briefly, and compare with the full
+            network fine-tuned the same way.
 
 The report (Markdown table, stage times, plots) is printed and logged to an MLflow run. The
 `stamp demo` command routes Ray's and MLflow's own log lines to ``OUT/logs/demo.log``
-(:mod:`pipeline.apps.terminal`); the terminal shows the stages and the results.
+(:mod:`pipeline.apps.terminal`); the terminal shows one progress line per stage
+(:mod:`pipeline.apps.stages`) and the results.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.apps.stages import ray_started_here, run_meta_train_stage, run_pretrain_stage, run_tune_stage
+from pipeline.apps.terminal import stage_progress
 from pipeline.settings import get_settings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -75,12 +79,17 @@ class _Stages:
     console: Console
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def run(self, name: str, title: str, fn: Callable[[], Any]) -> Any:
-        self.console.rule(f"[bold]{len(self.seconds) + 1}. {title}")
+    def run(self, name: str, title: str, fn: Callable[[str], Any], own_line: bool = False) -> Any:
+        """Run and time ``fn(label)`` under a progress line; ``own_line``: ``fn`` draws its own
+        (pipeline.apps.stages) or lets a child process print its progress."""
+        label = f"{len(self.seconds) + 1}. {title}"
         t0 = time.perf_counter()
-        result = fn()
+        if own_line:
+            result = fn(label)
+        else:
+            with stage_progress(self.console, label):
+                result = fn(label)
         self.seconds[name] = time.perf_counter() - t0
-        self.console.print(f"[green]done[/] {name} in {self.seconds[name]:.1f} s")
         return result
 
 
@@ -147,25 +156,22 @@ def _meta_section(preset: DemoPreset, steps: int) -> dict[str, Any]:
     }
 
 
-def _pretrain(preset: DemoPreset) -> Any:
+def _pretrain(preset: DemoPreset, console: Console, title: str) -> Any:
     from pipeline.config import PretrainConfig, validate_config
-    from pipeline.training import run_pretrain
 
     cfg = validate_config({**_common(preset, "pretrain", 2), "epochs": preset.pretrain_epochs, "batch_size": 64}, PretrainConfig, "demo")
-    return run_pretrain(cfg)
+    return run_pretrain_stage(cfg, console, title)
 
 
-def _meta_train(preset: DemoPreset, backbone_dir: Path) -> Any:
+def _meta_train(preset: DemoPreset, backbone_dir: Path, console: Console, title: str) -> Any:
     from pipeline.config import MetaTrainConfig, validate_config
-    from pipeline.training import run_meta_train
 
     data = {**_common(preset, "meta", 2), **_meta_section(preset, preset.meta_steps), "pretrained": str(backbone_dir)}
-    return run_meta_train(validate_config(data, MetaTrainConfig, "demo"))
+    return run_meta_train_stage(validate_config(data, MetaTrainConfig, "demo"), console, title)
 
 
-def _tune(preset: DemoPreset, backbone_dir: Path, model_name: str) -> Any:
+def _tune(preset: DemoPreset, backbone_dir: Path, model_name: str, console: Console, title: str) -> Any:
     from pipeline.config import TuneConfig, validate_config
-    from pipeline.training import run_tune
 
     template = {**_common(preset, "tune", 1), **_meta_section(preset, preset.tune_steps), "pretrained": str(backbone_dir)}
     template.pop("run_name")
@@ -183,7 +189,7 @@ def _tune(preset: DemoPreset, backbone_dir: Path, model_name: str) -> Any:
         "model_name": model_name,
         "meta_train": template,
     }
-    return run_tune(validate_config(data, TuneConfig, "demo"))
+    return run_tune_stage(validate_config(data, TuneConfig, "demo"), console, title)
 
 
 def _register_meta(result: Any, model_name: str, catalog_hash: str, preset: DemoPreset) -> tuple[str, bool]:
@@ -201,33 +207,24 @@ def _register_meta(result: Any, model_name: str, catalog_hash: str, preset: Demo
 
 
 def _prune_fresh_process(model_name: str, preset: DemoPreset, out_dir: Path, terminal: Terminal | None) -> dict[str, Any]:
-    """`stamp prune` in a new interpreter: nothing of this process's state can leak into it."""
+    """`stamp prune --compare-full` in a new interpreter: nothing of this process's state can leak into it.
+
+    Its progress lines are for the user (the terminal); its report is what the demo's table
+    shows, so its stdout goes where this process's stdout goes (the log file when routed).
+    """
     cmd = [sys.executable, "-m", "pipeline.apps.cli", "prune", "--model", f"models:/{model_name}@champion",
            "--data", f"catalog:{TARGET}", "--macs-ratio", str(preset.macs_ratio),
-           "--finetune-epochs", str(preset.finetune_epochs), "--out", str(out_dir)]
+           "--finetune-epochs", str(preset.finetune_epochs), "--out", str(out_dir), "--compare-full"]
     if terminal is not None and terminal.log_path is None:
         cmd.append("--verbose")
-    # Its own report and progress are for the user: the terminal, not this process's log file.
-    streams = {} if terminal is None else {"stdout": terminal.out, "stderr": terminal.err}
+    streams = {} if terminal is None else {"stderr": terminal.err}
     subprocess.run(cmd, check=True, **streams)
     return json.loads((out_dir / "report.json").read_text())
 
 
-def _full_baseline(model_name: str, preset: DemoPreset) -> dict[str, float]:
-    """The unpruned backbone of the champion through the same prune path as the pruned one (no mask)."""
-    import torch
-
-    from pipeline.apps.prune import resolve_data
-    from pipeline.registry import load_pruner
-    from stamp_core import default_finetune, prepare_images, prune_and_finetune
-
-    pruner = load_pruner(f"models:/{model_name}@champion")
-    ds = resolve_data(f"catalog:{TARGET}")
-    size = pruner.config.image_size
-    x, y = prepare_images(ds.x_train, size), torch.from_numpy(ds.y_train)
-    xt, yt = prepare_images(ds.x_test, size), torch.from_numpy(ds.y_test)
-    result = prune_and_finetune(pruner.backbone, None, x, y, xt, yt, default_finetune(preset.finetune_epochs))
-    return {"accuracy": result.accuracy, "finetune_seconds": result.finetune_seconds}
+def _full_figures(report: dict[str, Any]) -> dict[str, float]:
+    """The full network's figures from the report of `stamp prune --compare-full`."""
+    return {"accuracy": report["full_accuracy"], "finetune_seconds": report["full_finetune_seconds"]}
 
 
 def _table(report: dict[str, Any], full: dict[str, float]) -> Table:
@@ -277,40 +274,43 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     stages = _Stages(console)
     t_start = time.perf_counter()
 
-    stages.run("check", "services (S3, MLflow)", _check_services)
-    stages.run("ingest", f"ingest the source suite {SUITE.name} + unseen target {TARGET} to S3", lambda: _ingest(preset))
+    stages.run("check", "services (S3, MLflow)", lambda _: _check_services())
+    stages.run("ingest", f"ingest the source suite {SUITE.name} + unseen target {TARGET} to S3", lambda _: _ingest(preset))
     from pipeline.data import Catalog
 
     catalog_hash = Catalog.load(get_settings().catalog_url).content_hash()
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        # A private local Ray; set RAY_ADDRESS to run the same stages on a cluster.
-        ray.init(address=get_settings().ray_address or "local", num_cpus=None if get_settings().ray_address else 2,
-                 include_dashboard=False, log_to_driver=True)
-    try:
-        pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)", lambda: _pretrain(preset))
+    with ray_started_here():
+        if not ray.is_initialized():
+            # A private local Ray; set RAY_ADDRESS to run the same stages on a cluster.
+            ray.init(address=get_settings().ray_address or "local", num_cpus=None if get_settings().ray_address else 2,
+                     include_dashboard=False, log_to_driver=True)
+        pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)",
+                         lambda label: _pretrain(preset, console, label), own_line=True)
         meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",
-                          lambda: _meta_train(preset, pre.backbone_dir))
+                          lambda label: _meta_train(preset, pre.backbone_dir, console, label), own_line=True)
         tuned = stages.run("tune", f"tune KL weight and learning rates (Ray Tune, {preset.tune_trials} trials, ASHA)",
-                           lambda: _tune(preset, pre.backbone_dir, model_name))
-    finally:
-        if started_ray:
-            # Now, not at interpreter exit: shutting down prints the worker lines Ray still holds
-            # back for de-duplication, and the caller routes this process's output (terminal.py).
-            ray.shutdown()
+                           lambda label: _tune(preset, pre.backbone_dir, model_name, console, label), own_line=True)
     version, moved = stages.run("register", "register in MLflow; champion = best meta-validation accuracy",
-                                lambda: _register_meta(meta, model_name, catalog_hash, preset))
+                                lambda _: _register_meta(meta, model_name, catalog_hash, preset))
     console.print(f"meta-train pruner: version {version} (champion {'moved' if moved else 'kept'}); "
-                  f"tune best: version {tuned.registered_version} (champion {'moved' if tuned.champion_moved else 'kept'})")
-    report = stages.run("prune", f"prune '{TARGET}' in a fresh process from models:/{model_name}@champion",
-                        lambda: _prune_fresh_process(model_name, preset, out_dir / "pruned", terminal))
-    full = stages.run("full_baseline", "fine-tune the full network the same way (reference)", lambda: _full_baseline(model_name, preset))
+                  f"tune best: version {tuned.registered_version} (champion {'moved' if tuned.champion_moved else 'kept'})",
+                  soft_wrap=True)
+
+    def prune_stage(label: str) -> dict[str, Any]:
+        console.print(f"[bold]{label}[/]", highlight=False, soft_wrap=True)  # the child process prints the progress
+        return _prune_fresh_process(model_name, preset, out_dir / "pruned", terminal)
+
+    report = stages.run("prune", f"prune '{TARGET}' in a fresh process from models:/{model_name}@champion, "
+                                 "and fine-tune the full network the same way (reference)", prune_stage, own_line=True)
+    full = _full_figures(report)
     stages.seconds["total"] = time.perf_counter() - t_start
 
     table = _table(report, full)
-    out.print(table, width=max(out.width, 130))
+    # Console.print(width=) only narrows: a console of its own keeps the table's columns unfolded
+    # on a narrow terminal and off one (rich assumes 80 columns there).
+    Console(file=out.file, width=max(out.width, 130), highlight=False).print(table)
     times = Table(title="stage times", show_header=True)
     times.add_column("stage")
     times.add_column("seconds", justify="right")
@@ -326,5 +326,5 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     (out_dir / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
     _log_report(report, full, stages.seconds, markdown, out_dir)
     out.print(f"report: {out_dir / 'demo_report.md'}; pruned model: {out_dir / 'pruned'}; "
-              f"champion: models:/{model_name}@champion")
+              f"champion: models:/{model_name}@champion", soft_wrap=True)
     return result

@@ -28,6 +28,7 @@ deprecated upstream; when it goes, switch to ``dynamo=True`` and add ``onnxscrip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -39,7 +40,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,13 +503,13 @@ def prune_dataset(
     if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
         raise ValueError(f"latency_threads={latency_threads!r}: expected an integer >= 1")
     out = Path(out_dir).expanduser().resolve()
-    say = _Progress(progress)
     staging = _open_output(out)  # before any work: a bad output directory fails in milliseconds
+    say = _Steps(progress)
     try:
-        say("loading pruner")
+        say("load pruner")
         pruner, pruner_source, pruner_version = locate_pruner(model_uri_or_pruner)
         pruner.eval()
-        say("loading data")
+        say("load data")
         ds = resolve_data(data)
         size, channels = pruner.config.image_size, pruner.backbone.in_channels
         input_shape = (channels, size, size)
@@ -529,7 +529,7 @@ def prune_dataset(
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            say(f"pruning to {ratio:g} of the MACs")
+            say(f"prune to {ratio:g} of the MACs")
             t0 = time.perf_counter()
             idx = torch.from_numpy(class_balanced_sample(ds.y_train, sample_per_class, seed, pruner.config.max_support))
             with torch.no_grad():
@@ -537,25 +537,26 @@ def prune_dataset(
             embed_seconds = time.perf_counter() - t0
             cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
             if finetune_epochs:
-                say(f"fine-tuning {finetune_epochs} epoch(s) on {len(x_train)} images")
+                say(f"fine-tune the pruned net on {len(x_train)} images", finetune_epochs, "epochs")
             result = prune_for_task(
                 pruner, x_train, y_train, x_test, y_test, macs_ratio=ratio, finetune=cfg,
-                round_to=round_to, embedding=embedding,
+                round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
             )
             full_result = None
             if compare_full:
-                say(f"fine-tuning the full network for comparison ({finetune_epochs} epoch(s))")
+                say("fine-tune the full net the same way (reference)", finetune_epochs or None, "epochs")
                 torch.manual_seed(seed)
-                full_result = prune_and_finetune(pruner.backbone, None, x_train, y_train, x_test, y_test, cfg)
+                full_result = prune_and_finetune(pruner.backbone, None, x_train, y_train, x_test, y_test, cfg,
+                                                 on_epoch=say.on_epoch)
         model = result.model.eval()
 
-        say("measuring")
+        say("measure MACs, parameters, CPU latency")
         full = build_backbone_from_config({**pruner.backbone.config, "num_classes": num_classes}).eval()
         macs_full, params_full = count_macs_params(full, input_shape)
         macs_pruned, params_pruned = count_macs_params(model, input_shape)
         latency = _latencies(full, model, input_shape, latency_threads)
 
-        say("exporting")
+        say("export ONNX + TorchScript and check them")
         t1 = time.perf_counter()
         check = (x_test if has_test else x_train)[:8].contiguous()
         if len(check) < 2:
@@ -599,15 +600,18 @@ def prune_dataset(
         blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
         blobs[REPORT_MD] = report.to_markdown().encode()
         blobs[SPEC_FILE] = spec.to_json(indent=2).encode()
-        say(f"writing {out}")
+        say(f"write {out}")
         _commit(staging, out, blobs)
+        say.finish(
+            f"{report.macs_ratio:.3f} of the MACs, accuracy "
+            f"{'n/a' if report.accuracy is None else f'{100 * report.accuracy:.1f}%'}, "
+            f"{report.total_seconds:.1f} s data -> deployable"
+        )
+    except BaseException as exc:
+        say.fail(exc)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(
-        f"done: {report.macs_ratio:.3f} of the MACs, accuracy "
-        f"{'n/a' if report.accuracy is None else f'{100 * report.accuracy:.1f}%'}, "
-        f"{report.total_seconds:.1f} s data -> deployable"
-    )
     return report
 
 
@@ -619,23 +623,43 @@ def _kept_plot_png(dataset: str, spec: PruneSpec) -> bytes:
     return buf.getvalue()
 
 
-class _Progress:
-    """One line per step with the elapsed time: on stderr, on a given console, or nowhere."""
+class _Steps:
+    """prune_dataset's steps, one :func:`pipeline.apps.terminal.stage_progress` line each.
 
-    def __init__(self, enabled: bool | Any) -> None:
-        self.enabled = bool(enabled)
-        self.t0 = time.perf_counter()
-        # A rich Console given instead of True: print there (the CLI's terminal stream).
-        self._console: Callable[[str], None] | None = None if isinstance(enabled, bool) else enabled.print
+    ``progress``: True (stderr), a rich Console (the CLI's terminal stream) or False (silent).
+    Calling it closes the current step's line and opens the next one.
+    """
 
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._console is None:
-            from rich.console import Console
+    def __init__(self, progress: bool | Any) -> None:
+        from rich.console import Console
 
-            self._console = Console(stderr=True, highlight=False).print
-        self._console(f"[dim][{time.perf_counter() - self.t0:6.1f}s][/dim] {message}")
+        if isinstance(progress, bool):
+            progress = Console(stderr=True, highlight=False, quiet=not progress)
+        self.console: Any = progress
+        self._stack = contextlib.ExitStack()
+        self._line: Any = None
+
+    def __call__(self, title: str, total: float | None = None, unit: str = "") -> None:
+        from pipeline.apps.terminal import stage_progress
+
+        self._stack.close()
+        self._line = self._stack.enter_context(stage_progress(self.console, title, total, unit))
+
+    def on_epoch(self, record: dict[str, float]) -> None:
+        """A fine-tune epoch's record -> the current line (epochs done, loss, train accuracy)."""
+        if self._line is not None:
+            self._line.update(record["epoch"], f"loss {record['loss']:.3f} · train acc {record['accuracy']:.1%}")
+
+    def finish(self, summary: str) -> None:
+        self._stack.close()
+        self.console.print(f"[bold]done[/]: {summary}", highlight=False, soft_wrap=True)
+
+    def fail(self, exc: BaseException) -> None:
+        """Close the current line as failed (the error itself is the caller's to raise and report)."""
+        try:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001 - the line re-raises ``exc``; the caller raises it
+            pass
 
 
 # ----------------------------------------------------------------------------- registering

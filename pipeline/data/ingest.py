@@ -41,6 +41,7 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -135,6 +136,8 @@ def _progress(enabled: bool) -> Progress:
         MofNCompleteColumn(),
         _RateColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
     )

@@ -15,21 +15,24 @@ was ``pipeline/pyfunc_model.py`` load unchanged. Keep the file name.
 
 Inference contract (through ``mlflow.pyfunc.load_model(uri).predict``):
 
-* input: uint8 images ``(N, H, W, C)`` (C in {1, 3}); the registered signature declares exactly
-  this, and MLflow rejects anything else before it reaches :meth:`StampPrunerModel.predict`.
-  Over HTTP (``mlflow models serve``, ``{"inputs": [...], "params": {...}}``) JSON carries no
-  dtype and MLflow casts the numbers to uint8: out-of-range integers are refused by MLflow,
-  floats are truncated, so a set whose pixels are all 0 or 1 (floats in [0, 1] after the cast)
-  is refused here with a message saying so;
+* input: images ``(N, H, W, C)`` (C in {1, 3}): uint8 pixels (or any integers in 0..255), or
+  floats in [0, 1]. The registered signature declares *no* input schema on purpose, only the
+  params: with a tensor input schema MLflow's scoring server casts the JSON numbers to the
+  schema's dtype before the model sees them (``np.array(data, dtype=uint8)``: 127.6 silently
+  becomes 127) and refuses an empty ``"inputs": []`` for its shape with its own message. Without
+  one, the numbers reach :func:`split_model_input` as they were sent and every refusal (empty set,
+  pixels outside 0..255, float pixels outside [0, 1], wrong shape) is ours, the same in Python
+  and over HTTP (``mlflow models serve``, ``{"inputs": [...], "params": {...}}``, HTTP 400);
 * params: ``macs_ratio`` (float in (0, 1], default 0.5), ``round_to`` (int >= 1, default 1) and
   ``labels`` (one class id per image, default ``[]`` = label-free pooling). Labels travel as a
   param because an MLflow tensor signature cannot have an optional second input;
 * output: a one-element list holding the :class:`~stamp_core.PruneSpec` as JSON.
 
-Called directly (``model.unwrap_python_model().predict(None, x)``, or a model logged without a
-signature) ``predict`` also accepts float ``(N, C, H, W)`` images in [0, 1], a dict
-``{"images": ..., "labels": ...}`` and a pandas DataFrame with an ``images`` column (one array per
-row) and an optional ``labels`` column.
+Called directly (``model.unwrap_python_model().predict(None, x)``) ``predict`` also accepts float
+``(N, C, H, W)`` images in [0, 1], a dict ``{"images": ..., "labels": ...}`` and a pandas
+DataFrame with an ``images`` column (one array per row) and an optional ``labels`` column.
+Pruners registered before this contract keep their own copy of this file and their uint8 input
+schema (MLflow casts and refuses for them as described above).
 """
 
 from __future__ import annotations
@@ -87,25 +90,46 @@ def split_model_input(model_input: Any) -> tuple[np.ndarray, np.ndarray | None]:
             raise ValueError(f"images is a {type(images).__name__}: expected a numpy array") from None
     if images.dtype == object:
         raise ValueError("images is a ragged or object array: expected one numeric (N, H, W, C) array")
+    if images.size == 0:
+        # Before the shape check: `"inputs": []` over HTTP arrives as shape (0,).
+        raise ValueError("the image set is empty: expected at least one image (20 per class is typical)")
     if images.ndim not in (3, 4):
         raise ValueError(
             f"images have shape {images.shape}: expected (N, H, W, C) uint8 pixels "
             "(or (N, C, H, W) floats in [0, 1])"
         )
-    if images.shape[0] == 0:
-        raise ValueError("the image set is empty: expected at least one image (20 per class is typical)")
     if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] not in (1, 3):
         raise ValueError(
             f"images have shape {images.shape}: expected (N, H, W, C) with C = 1 (grayscale) or 3 (RGB)"
         )
-    if np.issubdtype(images.dtype, np.integer) and int(images.max()) <= 1:
-        # Float pixels in [0, 1] sent as JSON reach the model cast to the signature's uint8,
-        # i.e. truncated to 0: refuse such a set instead of pruning for black images.
+    return _check_pixels(images), _check_labels(labels, images.shape[0])
+
+
+def _check_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 for integer pixels in 0..255 (JSON integers arrive as int64); floats must lie in [0, 1].
+
+    Nothing is rounded or clipped: a value that does not fit is refused with the range found.
+    """
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.bool_):
+        raise ValueError("images are booleans: expected uint8 pixels in 0..255 or floats in [0, 1]")
+    if np.issubdtype(images.dtype, np.integer):
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"integer pixels span [{lo}, {hi}]: expected uint8 values in 0..255")
+        return images.astype(np.uint8)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images have dtype {images.dtype}: expected uint8 pixels in 0..255 or floats in [0, 1]")
+    if not np.isfinite(images).all():
+        raise ValueError("images contain NaN or inf pixels: expected uint8 pixels in 0..255 or floats in [0, 1]")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
         raise ValueError(
-            "every pixel is 0 or 1: expected uint8 pixels in 0..255 (float pixels in [0, 1] sent as JSON "
-            "are cast to uint8 and become 0: send them multiplied by 255)"
+            f"float pixels span [{lo:.4g}, {hi:.4g}]: expected floats in [0, 1], or uint8 values 0..255 sent as "
+            "integers (floats are neither rounded nor rescaled)"
         )
-    return images, _check_labels(labels, images.shape[0])
+    return images
 
 
 def _check_labels(labels: Any, n: int) -> np.ndarray | None:

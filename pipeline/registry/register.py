@@ -60,12 +60,17 @@ RegisteredPruner = RegisteredModel
 
 
 def pruner_signature() -> Any:
-    """Input: uint8 ``(N, H, W, C)`` images; params: macs_ratio, round_to, labels; output: spec JSON."""
+    """Params: macs_ratio, round_to, labels; output: spec JSON; no input schema (the model checks its input).
+
+    A tensor input schema would make MLflow's scoring server cast the JSON pixels to its dtype
+    before the model sees them (floats silently truncated to uint8) and answer an empty image set
+    with its own shape error; see the contract in :mod:`pipeline.registry.pyfunc_model`.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        inputs=None,
         outputs=Schema([ColSpec(DataType.string)]),
         params=ParamSchema([
             ParamSpec("macs_ratio", DataType.double, DEFAULT_MACS_RATIO),

@@ -2,11 +2,17 @@
 
 Before any cluster work: resolve the catalog, the sources and the storage / tracking locations,
 and pin them into the config the workers receive. Around the fit: the ``ScalingConfig``, closing
-the MLflow run whatever happens, and a local directory for the run's result.
+the MLflow run whatever happens, and a local directory for the run's result. During the fit,
+:func:`relay_reports` hands every ``ray.train.report`` to a callable in the driver process (the
+CLI's progress line).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +20,11 @@ from urllib.parse import urlsplit
 from pipeline.data import absolute_location
 from pipeline.config import ConfigError, MetaTrainConfig, PretrainConfig, resolved_storage_path, resolved_tracking_uri
 from pipeline.training.tracking import end_mlflow_run
+
+log = logging.getLogger(__name__)
+
+#: What the driver is handed after each report: rank 0's metrics (already averaged over ranks).
+ReportHandler = Callable[[dict[str, Any]], None]
 
 
 def resolve_sources(cfg_sources: Any, catalog: Any) -> list[str]:
@@ -164,3 +175,80 @@ def local_root(kind: str, name: str) -> Path:
     root = get_settings().state_dir / "checkpoints" / kind / name
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _report_relay_callback(queue: Any) -> Any:
+    """A Ray Train ``UserCallback`` putting rank 0's metrics of each report on ``queue``.
+
+    Ray Train V2 calls user callbacks in its controller actor, not in the driver process, so the
+    metrics travel through a ``ray.util.queue.Queue`` (a small actor) the driver reads.
+    """
+    from ray.train import UserCallback
+
+    class ReportRelay(UserCallback):
+        def __init__(self, queue: Any) -> None:
+            self.queue = queue
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if not metrics:
+                return
+            try:
+                self.queue.put_nowait(dict(metrics[0]))
+            except Exception:  # noqa: BLE001 - progress must never stop training
+                pass
+
+    return ReportRelay(queue)
+
+
+@contextmanager
+def relay_reports(on_report: ReportHandler | None) -> Iterator[list[Any]]:
+    """Yield Ray Train callbacks that hand each report's metrics to ``on_report`` in this process.
+
+    Give the callbacks to the trainer's ``RunConfig`` and fit inside the block. A thread of the
+    driver reads the queue and calls ``on_report`` (so it must be thread-safe); on exit the
+    reports still queued are handed over too. ``on_report=None`` yields no callback and starts
+    nothing. An error in ``on_report`` is logged once and never reaches training.
+    """
+    if on_report is None:
+        yield []
+        return
+    from queue import Empty
+
+    from ray.util.queue import Queue
+
+    # num_cpus=0: the relay must not take a CPU the training workers were given.
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def hand_over(item: dict[str, Any]) -> None:
+        if failed:
+            return
+        try:
+            on_report(item)
+        except Exception as exc:  # noqa: BLE001 - a broken display must not cost the run
+            failed.append(exc)
+            log.warning("progress display failed (training continues): %s", exc)
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                hand_over(queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone (Ray shutting down)
+                return
+
+    thread = threading.Thread(target=pump, name="stamp-report-relay", daemon=True)
+    thread.start()
+    try:
+        yield [_report_relay_callback(queue)]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            for item in queue.get_nowait_batch(queue.qsize()):
+                hand_over(item)
+        except Exception:  # noqa: BLE001 - nothing left to show, or Ray is gone
+            pass
+        queue.shutdown()

@@ -60,8 +60,10 @@ from pipeline.training.driver import (
     check_locations_reach_every_node,
     fit,
     load_catalog,
+    ReportHandler,
     local_root,
     pin_locations,
+    relay_reports,
     resolve_sources,
     s3_endpoint,
     scaling_config,
@@ -429,8 +431,8 @@ def prepare_meta_train(cfg: MetaTrainConfig) -> tuple[MetaTrainConfig, WorkerSet
 
 
 def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: list[Any] | None = None,
-                   mlflow_parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None
-                   ) -> MetaTrainResult:
+                   mlflow_parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+                   on_report: ReportHandler | None = None) -> MetaTrainResult:
     """Meta-train a pruner with Ray Train; resumes when ``run_name`` already has a checkpoint.
 
     Args:
@@ -439,6 +441,8 @@ def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: 
         callbacks: Ray Train ``UserCallback`` s (Tune passes ``TuneReportCallback``).
         mlflow_parent_run_id: nest the MLflow run under this one (a Tune job's run).
         extra_tags: more MLflow tags.
+        on_report: called in this process, from another thread, with each report's metrics
+            (``step``, ``loss``, ``episodes_per_s``, ``expected_macs_ratio``, ``val_accuracy`` ...).
 
     Raises:
         ConfigError: the config does not fit the catalog (checked before Ray starts anything).
@@ -464,21 +468,22 @@ def run_meta_train(cfg: MetaTrainConfig, *, name: str | None = None, callbacks: 
                               mlflow_parent_run_id)
     setup.mlflow_run_id = run_id
     path, fs = storage_filesystem(storage)
-    trainer = TorchTrainer(
-        _meta_train_loop_ray,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup)},
-        scaling_config=scaling_config(cfg),
-        torch_config=torch_config(cfg),
-        run_config=RunConfig(
-            name=name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks or None,
-        ),
-    )
-    result = fit(trainer, cfg, run_id, f"meta-training run {name}")
+    with relay_reports(on_report) as relay:
+        trainer = TorchTrainer(
+            _meta_train_loop_ray,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup)},
+            scaling_config=scaling_config(cfg),
+            torch_config=torch_config(cfg),
+            run_config=RunConfig(
+                name=name,
+                storage_path=path,
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                callbacks=[*(callbacks or []), *relay] or None,
+            ),
+        )
+        result = fit(trainer, cfg, run_id, f"meta-training run {name}")
     state = read_checkpoint_state(result.checkpoint) or {}
     pruner_dir = checkpoint_to_local(result.checkpoint, local_root("meta_train", name))
     metrics = dict(result.metrics or {})

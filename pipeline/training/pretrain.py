@@ -43,8 +43,10 @@ from pipeline.training.driver import (
     check_locations_reach_every_node,
     fit,
     load_catalog,
+    ReportHandler,
     local_root,
     pin_locations,
+    relay_reports,
     resolve_sources,
     s3_endpoint,
     scaling_config,
@@ -257,10 +259,12 @@ def prepare_pretrain(cfg: PretrainConfig) -> tuple[PretrainConfig, WorkerSetup, 
     return cfg, setup, label_space(catalog, list(cfg.data.sources)), catalog
 
 
-def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, *, on_report: ReportHandler | None = None) -> PretrainResult:
     """Supervised reference pretraining of ``cfg.backbone`` on the union of the sources (Ray Train, DDP).
 
     Re-running with the same ``run_name`` and ``storage_path`` continues from the last epoch.
+    ``on_report`` is called in this process with each epoch's metrics (``epoch``, ``loss``,
+    ``train_accuracy``, ``samples_per_s``, ``test_accuracy``), from another thread.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -273,16 +277,18 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
                               {"stamp.catalog_hash": catalog.content_hash(), "stamp.storage_path": storage})
     setup.mlflow_run_id = run_id
     path, fs = storage_filesystem(storage)
-    trainer = TorchTrainer(
-        _pretrain_loop_ray,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup), "labels": labels},
-        scaling_config=scaling_config(cfg),
-        torch_config=torch_config(cfg),
-        run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
-    result = fit(trainer, cfg, run_id, f"pretraining run {cfg.run_name}")
+    with relay_reports(on_report) as relay:
+        trainer = TorchTrainer(
+            _pretrain_loop_ray,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "setup": asdict(setup), "labels": labels},
+            scaling_config=scaling_config(cfg),
+            torch_config=torch_config(cfg),
+            run_config=RunConfig(name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 callbacks=relay or None),
+        )
+        result = fit(trainer, cfg, run_id, f"pretraining run {cfg.run_name}")
     state = read_checkpoint_state(result.checkpoint) or {}
     return PretrainResult(
         name=cfg.run_name,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 OBJECTIVE = "val_accuracy"
 #: Search-space keys: OptimSection fields a trial may override.
 TUNED_KEYS = ("kl_weight", "macs_weight", "lr", "backbone_lr")
+
+#: ``on_result(trial_id, metrics, finished)``: a trial's report (``finished=False``) or its end
+#: (``finished=True``, metrics empty); called in the driver process.
+TrialHandler = Callable[[str, dict[str, Any], bool], None]
 
 
 @dataclass
@@ -272,8 +276,47 @@ def _remove_placement_groups_since(before: set[str]) -> list[str]:
     return leaked
 
 
-def run_tune(cfg: TuneConfig) -> TuneResult:
+def _trial_progress_callback(on_result: TrialHandler) -> Any:
+    """A Ray Tune ``Callback`` (it runs in the driver process, in Tune's loop) for ``on_result``."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self, on_result: TrialHandler | None) -> None:
+            self.on_result = on_result
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its RunConfig (callbacks included) into the experiment state; the
+            # handler is this process's display (locks, a terminal) and stays behind.
+            return {"on_result": None}
+
+        def _call(self, trial: Any, metrics: dict[str, Any], finished: bool) -> None:
+            if self.on_result is not None:
+                _call_safely(self.on_result, trial.trial_id, metrics, finished)
+
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+            self._call(trial, dict(result), False)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._call(trial, {}, True)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._call(trial, {}, True)
+
+    return TrialProgress(on_result)
+
+
+def _call_safely(on_result: TrialHandler, trial_id: str, metrics: dict[str, Any], finished: bool) -> None:
+    try:
+        on_result(trial_id, metrics, finished)
+    except Exception as exc:  # noqa: BLE001 - a broken display must not stop the sweep
+        log.warning("progress display failed (tuning continues): %s", exc)
+
+
+def run_tune(cfg: TuneConfig, *, on_result: TrialHandler | None = None) -> TuneResult:
     """Tune kl_weight / macs_weight / lr / backbone_lr with ASHA; optionally register the best pruner.
+
+    ``on_result(trial_id, metrics, finished)`` is called in this process with each trial's
+    reports (``step``, ``val_accuracy`` ...) and once when the trial ends (ASHA may stop it early).
 
     Raises:
         ConfigError: the template does not fit the catalog (checked before Ray starts).
@@ -303,7 +346,8 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             # Seeded random search; it limits concurrency itself (TuneConfig's limit needs a Searcher).
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials),
         ),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
+                                  callbacks=[_trial_progress_callback(on_result)] if on_result else None),
     )
     pgs_before = _placement_group_ids()
     try:

@@ -27,29 +27,46 @@ def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) ->
     model_name = f"demo-e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(STAMP_BUCKET=s3_bucket, STAMP_HOME=str(tmp_path / "home"))
+    # One stream, in the order a user reads it on the terminal (progress on 2, results on 1).
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.apps.cli", "demo", "--quick", "--out", str(tmp_path / "out"), "--model-name", model_name],
-        env=env, capture_output=True, text=True, timeout=1200,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
     )
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    shown = done.stdout
+    assert done.returncode == 0, shown[-6000:]
     result = json.loads((tmp_path / "out" / "demo_result.json").read_text())
-    assert "top-1" in done.stdout and "stage times" in done.stdout  # the table was printed
+    assert "top-1" in shown and "stage times" in shown  # the table was printed
     report, full, stages = result["report"], result["full"], result["stages"]
-    assert set(stages) >= {"ingest", "pretrain", "meta_train", "tune", "register", "prune", "full_baseline", "total"}
+    assert set(stages) >= {"ingest", "pretrain", "meta_train", "tune", "register", "prune", "total"}
     assert 0.27 <= report["macs_ratio"] <= 0.30
     assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= full["accuracy"] <= 1.0
+    # The full network's reference is `stamp prune --compare-full`'s, not a second implementation.
+    assert (full["accuracy"], full["finetune_seconds"]) == (report["full_accuracy"], report["full_finetune_seconds"])
     assert report["params_pruned"] < report["params_full"]
     out = tmp_path / "out"
     for name in ("spec.json", "pruned_state_dict.pt", "model.onnx", "model.torchscript.pt", "report.md"):
         assert (out / "pruned" / name).is_file(), name
     assert "STAMP pruned" in (out / "demo_report.md").read_text()
 
+    # One screen per stage: a progress line each (its final state: the output is not a terminal)
+    # with the count and key figure; the prune stage's child process adds its own step lines. The
+    # results (tables) follow the last stage.
+    progress = shown[:shown.index("STAMP demo: unseen dataset")].splitlines()
+    for pattern in (r"ok 3\. pretrain .* 1/1 epochs in .* · loss \d\.\d+ · train acc .* img/s",
+                    r"ok 4\. meta-train .* 10/10 steps in .* · loss .* episodes/s · val acc \d+\.\d%",
+                    r"ok 5\. tune .* 12/12 trial-steps in .* · 2/2 trials done · best val acc \d+\.\d%"):
+        assert any(re.fullmatch(pattern, line) for line in progress), "\n".join([pattern, *progress])
+    starts = [i for i, line in enumerate(progress) if re.match(r"(ok |failed )?\d\. ", line)]
+    assert len(starts) == 7, "\n".join(progress)
+    per_stage = [b - a for a, b in zip(starts, [*starts[1:], len(progress)])]
+    assert max(per_stage) <= 24, "\n".join([str(per_stage), *progress])
+
     # Quiet by default: no line of Ray's (or MLflow's) own logging reaches the terminal; they are
     # in the log file whose path the demo printed, not lost.
-    shown = [line for line in (done.stdout + done.stderr).splitlines() if LIBRARY_LINE.search(line)]
-    assert not shown, shown[:10]
+    internals = [line for line in shown.splitlines() if LIBRARY_LINE.search(line)]
+    assert not internals, internals[:10]
     log = out / "logs" / "demo.log"
-    assert str(log) in " ".join(done.stderr.split())  # rich may fold a long path
+    assert str(log) in shown
     assert LIBRARY_LINE.search(log.read_text())
 
     # The spec is real: rebuilt from JSON on a fresh backbone, its MACs are what the report says.

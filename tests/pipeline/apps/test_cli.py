@@ -83,3 +83,41 @@ def test_every_lazily_named_error_type_exists() -> None:
     """A moved module must not silently turn its friendly errors back into tracebacks."""
     for module, name in LAZY_ERROR_TYPES:
         assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+
+
+@pytest.mark.integration
+def test_pretrain_shows_one_progress_line_and_routes_library_lines_to_the_runs_log(
+    ray_local: None, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`stamp pretrain`'s command body on the session's Ray: one line for the stage with the epoch count
+    and key figures on the terminal; the library's lines in the run's 0600 log file, whose path it prints.
+    (That no Ray internals reach the terminal is checked on a whole process: tests/e2e/test_demo_e2e.py.)"""
+    import re
+    import stat
+
+    from pipeline.apps.cli import run_job
+    from pipeline.data import build_procedural, ingest_dataset
+
+    data = tmp_path / "data"
+    for name in ("blobs", "stripes"):
+        ingest_dataset(build_procedural(name, n_per_class=16, seed=0, n_test_per_class=4), str(data),
+                       shard_size=100, progress=False)
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(
+        "kind: pretrain\nrun_name: cli-pre\nbackbone: small_cnn\nbackbone_kwargs: {width: 8}\nepochs: 1\n"
+        f"batch_size: 16\neval_samples: 8\nstorage_path: {tmp_path / 'ray'}\n"
+        f"data: {{catalog_url: {data / 'catalog.json'}, sources: all}}\n"
+        "scaling: {num_workers: 1}\nmlflow: {enabled: false}\n"
+    )
+    monkeypatch.setenv("STAMP_HOME", str(tmp_path / "home"))
+    capfd.readouterr()
+    result = run_job("pretrain", cfg, [], verbose=False)
+    shown = capfd.readouterr()
+    assert result.epoch == 1
+    stage = [line for line in shown.err.splitlines() if line.startswith("ok pretrain")]
+    assert len(stage) == 1 and re.fullmatch(
+        r"ok pretrain cli-pre 1/1 epochs in \d+\.\d s · loss \d\.\d{3} · train acc \d+\.\d% · test acc \d+\.\d% · [\d,]+ img/s",
+        stage[0]), shown.err
+    log = tmp_path / "home" / "checkpoints" / "pretrain" / "cli-pre" / "logs" / "pretrain.log"
+    assert str(log) in " ".join(shown.err.split()) and stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert "PretrainResult(" in shown.out and "PretrainResult(" not in log.read_text()  # the result is ours

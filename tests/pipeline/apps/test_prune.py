@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from rich.console import Console
 
 from pipeline.apps.prune import OutputDirError, PruneReport, load_pruned, prune_dataset
 from pipeline.data import ArrayDataset, build_procedural
@@ -52,10 +55,34 @@ def pruner_dir(tmp_path_factory: pytest.TempPathFactory, dataset: ArrayDataset) 
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory: pytest.TempPathFactory, pruner_dir: Path, dataset: ArrayDataset) -> tuple[PruneReport, Path]:
+def progress_shown() -> io.StringIO:
+    """What the ``pruned`` run printed as progress (a console that is not a terminal, as in a CI log)."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory: pytest.TempPathFactory, pruner_dir: Path, dataset: ArrayDataset,
+           progress_shown: io.StringIO) -> tuple[PruneReport, Path]:
     out = tmp_path_factory.mktemp("pruned") / "out"
-    report = prune_dataset(str(pruner_dir), dataset, macs_ratio=0.4, finetune_epochs=1, out_dir=out, progress=False)
+    console = Console(file=progress_shown, force_terminal=False, width=300)
+    report = prune_dataset(str(pruner_dir), dataset, macs_ratio=0.4, finetune_epochs=1, out_dir=out, progress=console)
     return report, out
+
+
+def test_progress_is_one_line_per_step_with_the_fine_tune_figures(pruned: tuple[PruneReport, Path],
+                                                                   progress_shown: io.StringIO) -> None:
+    report, out = pruned
+    lines = progress_shown.getvalue().splitlines()
+    assert [re.sub(r" in \d+\.\d s.*", "", line) for line in lines] == [
+        "ok load pruner", "ok load data", "ok prune to 0.4 of the MACs",
+        f"ok fine-tune the pruned net on {report.n_train} images 1/1 epochs",
+        "ok measure MACs, parameters, CPU latency", "ok export ONNX + TorchScript and check them", f"ok write {out}",
+        f"done: {report.macs_ratio:.3f} of the MACs, accuracy {100 * report.accuracy:.1f}%, "
+        f"{report.total_seconds:.1f} s data -> deployable",
+    ]
+    # The fine-tune line carries the last epoch's figures, as the report's history has them.
+    last = report.history[-1]
+    assert lines[3].endswith(f"· loss {last['loss']:.3f} · train acc {last['accuracy']:.1%}"), lines[3]
 
 
 def test_writes_every_file_and_nothing_else(pruned: tuple[PruneReport, Path]) -> None:

@@ -1,12 +1,20 @@
-"""pipeline.apps.terminal: library output to a log file, our own output to the terminal."""
+"""pipeline.apps.terminal: library output to a log file, our own output to the terminal; one progress
+line per stage."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.apps.terminal import stage_progress
 
 # What a CLI process does: C++ code writing to descriptor 2 (Ray's core worker), a Python logger
 # set up before the block (MLflow), print() from a log monitor thread (Ray's forwarded worker
@@ -26,6 +34,7 @@ with route_output(log) as term:
     subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child noise\\\\n')"], check=True)
     progress.print("stage 1 done")
     results.print("| table |")
+    logging.getLogger("pipeline.training.tracking").warning("MLflow logging skipped at step 3 (training continues)")
 print("after the block")
 """
 LIBRARY = ("core_worker.cc", "Successfully registered model", "(RayTrainWorker pid=42)", "child noise")
@@ -49,6 +58,9 @@ def test_library_lines_go_to_the_log_file_and_ours_to_the_terminal(tmp_path: Pat
         assert line in text, line
     assert "stage 1 done" not in text and "| table |" not in text
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    # A warning of our own reaches the terminal in plain words (and stays in the log with the rest).
+    assert "warning: MLflow logging skipped at step 3 (training continues)\n" in done.stderr
+    assert "WARNING pipeline.training.tracking: MLflow logging skipped" in text
 
 
 def test_verbose_leaves_everything_on_the_terminal(tmp_path: Path) -> None:
@@ -58,3 +70,47 @@ def test_verbose_leaves_everything_on_the_terminal(tmp_path: Path) -> None:
         assert line in done.stdout + done.stderr, line
     assert "stage 1 done" in done.stderr and "| table |" in done.stdout
     assert not list(tmp_path.rglob("*.log"))
+
+
+# ----------------------------------------------------------------------------- stage_progress
+
+
+def _console(tty: bool) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, force_terminal=tty, width=200, color_system=None), buf
+
+
+def test_a_stage_off_a_terminal_is_one_final_line_with_count_time_and_figure() -> None:
+    console, buf = _console(tty=False)
+    with stage_progress(console, "pretrain", 3, "epochs") as line:
+        for epoch in (1, 2, 3):
+            line.update(epoch, f"loss {1 / epoch:.3f} · {1000 * epoch:,} img/s")
+    assert re.fullmatch(r"ok pretrain 3/3 epochs in \d+\.\d s · loss 0\.333 · 3,000 img/s\n", buf.getvalue()), buf.getvalue()
+
+
+def test_a_stage_on_a_terminal_is_redrawn_in_place_with_eta() -> None:
+    console, buf = _console(tty=True)
+    with stage_progress(console, "meta-train", 4, "steps") as line:
+        for step in (1, 2):
+            line.update(step, f"loss {step:.1f}")
+            print("(RayTrainWorker pid=42) library line")  # what Ray's log monitor does
+            time.sleep(0.6)  # the live line refreshes 4 times a second
+    text = buf.getvalue()
+    # The live display leaves sys.stdout alone: library output stays where route_output sent it.
+    assert "library line" not in text
+    assert "\r" in text or "\x1b[2K" in text  # redrawn, not appended
+    assert "2/4 steps" in text and re.search(r"ETA 0:00:0\d", text), text  # an estimate once speed is known
+    assert re.search(r"ok meta-train 2/4 steps in \d+\.\d s · loss 2\.0\n$", text), text[-300:]
+
+
+def test_a_failed_stage_says_so_and_the_error_propagates() -> None:
+    console, buf = _console(tty=False)
+    try:
+        with stage_progress(console, "tune", 10, "trial-steps") as line:
+            line.update(2, "x")
+            raise RuntimeError("boom")
+    except RuntimeError as exc:
+        assert str(exc) == "boom"
+    else:  # pragma: no cover - the block raised
+        raise AssertionError("the error was swallowed")
+    assert re.fullmatch(r"failed tune after \d+\.\d s\n", buf.getvalue()), buf.getvalue()

@@ -104,8 +104,12 @@ def test_labels_param_and_round_to(store: dict[str, Any]) -> None:
         ("ratio unreachable", images(), {"macs_ratio": 1e-6}, "below the smallest reachable ratio"),
         ("round_to 0", images(), {"round_to": 0}, "round_to=0: expected a positive integer"),
         ("5 channels", np.zeros((4, 32, 32, 5), np.uint8), {}, "expected (N, H, W, C) with C = 1 (grayscale) or 3"),
-        ("3-d batch", np.zeros((4, 32, 32), np.uint8), {}, "does not match expected shape (-1, -1, -1, -1)"),
-        ("float pixels", np.zeros((4, 32, 32, 3), np.float32), {}, "dtype of input float32 does not match expected dtype uint8"),
+        ("2-d batch", np.zeros((4, 32), np.uint8), {}, "images have shape (4, 32): expected (N, H, W, C)"),
+        # Nothing is rounded, clipped or rescaled: pixels that do not fit are refused.
+        ("float pixels 0..255", images().astype(np.float64) + 0.5, {},
+         "float pixels span [0.5, 255.5]: expected floats in [0, 1], or uint8 values 0..255 sent as integers"),
+        ("pixel 300", images().astype(np.int64) + 200, {}, "integer pixels span [200, 455]: expected uint8 values in 0..255"),
+        ("empty, as JSON sends it", np.zeros(0), {}, "the image set is empty"),
         ("labels length", images(8), {"labels": [0, 1, 2]}, "labels have shape (3,) but there are 8 images"),
         ("negative labels", images(4), {"labels": [0, -1, 0, 1]}, "labels contain negative values"),
     ],
@@ -133,7 +137,7 @@ def test_direct_calls_accept_dicts_dataframes_and_float_images(store: dict[str, 
     bad[0, 0, 0, 0] = np.nan
     for data, params, message in [
         (bad, {}, "NaN"),
-        (nchw * 3, {}, "expected [0, 1]"),
+        (nchw * 3, {}, "float pixels span [4.005e-05, 3]: expected floats in [0, 1]"),
         ({"pixels": nchw}, {}, "expected 'images' and optionally 'labels'"),
         (pd.DataFrame({"x": [1]}), {}, "expected an 'images' column"),
         ({"images": nchw, "labels": labels}, {"labels": labels.tolist()}, "labels given both"),

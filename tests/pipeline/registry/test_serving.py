@@ -3,6 +3,13 @@
 One real scoring server for the module, fetching ``models:/NAME@champion`` from the session's
 MLflow server (artifacts on SeaweedFS, proxied: the scoring server holds no S3 keys). Requests
 are plain JSON over HTTP; answers are compared with the Python API on the same images.
+
+The pruner's signature has no input schema (params only): with one, MLflow's scoring server
+casts the JSON numbers to its dtype while parsing the request (``np.array(inputs, dtype=uint8)``
+in ``mlflow.utils.proto_json_utils.convert_data_type``), before the model runs, so float pixels
+such as 127.6 were silently truncated to 127 and ``"inputs": []`` was refused by MLflow's shape
+check with MLflow's message. Now the numbers reach the model as sent and it answers every bad
+input itself, with the message the Python API gives.
 """
 
 from __future__ import annotations
@@ -85,14 +92,18 @@ def _tail(message: str) -> str:
         ("ratio above 1", images(), images(), {"macs_ratio": 1.5}, "macs_ratio=1.5: expected a number in (0, 1]"),
         ("ratio 0", images(), images(), {"macs_ratio": 0.0}, "macs_ratio=0.0: expected a number in (0, 1]"),
         ("5 channels", images(4, 32, 5), images(4, 32, 5), {}, "expected (N, H, W, C) with C = 1 (grayscale) or 3"),
-        ("3-d batch", images()[..., 0], images()[..., 0], {}, "does not match expected shape (-1, -1, -1, -1)"),
+        ("2-d batch", images()[:, 0, :, 0], images()[:, 0, :, 0], {}, "images have shape (16, 28): expected (N, H, W, C)"),
         ("labels length", images(8), images(8), {"labels": [0, 1, 2]}, "labels have shape (3,) but there are 8 images"),
-        # JSON has no dtype: floats in [0, 1] arrive cast to uint8, i.e. as the array on the right.
-        ("float pixels", images() / 255.0, (images() / 255.0).astype(np.uint8), {}, "every pixel is 0 or 1: expected uint8 pixels in 0..255"),
+        # JSON cannot carry an empty 4-d array: `"inputs": []` is what a client sends.
+        ("no images", [], np.zeros((0, 28, 28, 1), np.uint8), {}, "the image set is empty: expected at least one image"),
+        # Never truncated or clipped on the way (MLflow's uint8 cast used to turn 127.6 into 127).
+        ("float pixels 0..255", images() + 0.6, images() + 0.6, {}, "float pixels span [0.6, 255.6]: expected floats in [0, 1]"),
+        ("pixel 300", images().astype(np.int64) + 200, images().astype(np.int64) + 200, {},
+         "integer pixels span [200, 455]: expected uint8 values in 0..255"),
     ],
 )
 def test_bad_input_is_http_400_with_the_python_api_message(
-    service: dict[str, Any], case: str, sent: np.ndarray, python_input: np.ndarray, params: dict[str, Any], expected: str,
+    service: dict[str, Any], case: str, sent: Any, python_input: np.ndarray, params: dict[str, Any], expected: str,
 ) -> None:
     with pytest.raises(MlflowException) as exc:
         service["local"].predict(python_input, params=params)
@@ -103,19 +114,12 @@ def test_bad_input_is_http_400_with_the_python_api_message(
     assert _tail(body["message"]) == _tail(exc.value.message), case
 
 
-@pytest.mark.parametrize(
-    "case, sent, expected",
-    [
-        # MLflow's own checks, before the model: the JSON cannot carry an empty 4-d array, and
-        # integers outside 0..255 do not fit the signature's uint8.
-        ("no images", [], "tensor-based model signature"),
-        ("pixel 300", images(2).astype(np.int64) + 200, "out of bounds for uint8"),
-    ],
-)
-def test_input_refused_by_mlflow_before_the_model_is_http_400(service: dict[str, Any], case: str, sent: Any, expected: str) -> None:
-    status, body = invoke(service["url"], sent, {"macs_ratio": 0.3})
-    assert status == 400, (case, body)
-    assert expected in body["message"], case
+def test_float_pixels_in_0_1_arrive_unchanged(service: dict[str, Any]) -> None:
+    """Floats in [0, 1] are pixels too: over HTTP the answer is the Python API's for the same floats."""
+    x = images(16, size=32, channels=3, seed=2) / 255.0
+    status, body = invoke(service["url"], x, {"macs_ratio": 0.4})
+    assert status == 200, body
+    assert body["predictions"] == service["local"].predict(x, params={"macs_ratio": 0.4})
 
 
 def test_server_log_shows_the_requests(service: dict[str, Any]) -> None:

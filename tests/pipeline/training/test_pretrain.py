@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,8 +53,14 @@ def test_run_pretrain_two_workers_ddp(ray_local: None, s3_data: tuple[str, str],
         epochs=1, batch_size=16, eval_samples=16, scaling={"num_workers": 2},
         data={"catalog_url": catalog_url, "sources": "all"}, mlflow={"enabled": False},
     ))
-    result = run_pretrain(cfg)
+    reports: list[tuple[int, str, dict[str, Any]]] = []
+    result = run_pretrain(cfg, on_report=lambda m: reports.append((os.getpid(), threading.current_thread().name, m)))
     assert result.epoch == 1 and math.isfinite(result.metrics["loss"])
+    # Each epoch's report reached this (driver) process from Ray Train's controller, with the
+    # figures the progress line shows.
+    assert [(pid, m["epoch"]) for pid, _, m in reports] == [(os.getpid(), 1)]
+    assert reports[0][1] != threading.main_thread().name
+    assert reports[0][2]["loss"] == result.metrics["loss"] and reports[0][2]["samples_per_s"] > 0
     backbone = result.load_backbone()
     assert backbone.num_classes == 16
     meta = json.loads((result.backbone_dir / "backbone.json").read_text())

@@ -4,6 +4,7 @@ best pruner is registered in MLflow, with the champion alias moving only for a b
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,20 @@ def test_two_trial_tune_registers_best_and_guards_the_champion(
         local_catalog, str(tmp_path / "ray"), register=True, model_name=model_name,
         meta_train={**base.meta_train.model_dump(mode="json"), "mlflow": {"enabled": True, "experiment": "test-tune"}},
     )
-    result = run_tune(cfg)
+    calls: list[tuple[str, dict[str, Any], bool]] = []
+    lock = threading.Lock()  # like a real display's: the handler cannot be pickled (Tune pickles its RunConfig)
+
+    def on_result(trial: str, metrics: dict[str, Any], finished: bool) -> None:
+        with lock:
+            calls.append((trial, metrics, finished))
+
+    result = run_tune(cfg, on_result=on_result)
+
+    # This process saw every trial's reports (steps 2 and 4, with the objective) and its end, in order.
+    by_trial: dict[str, list[Any]] = {}
+    for trial, metrics, finished in calls:
+        by_trial.setdefault(trial, []).append("end" if finished else (metrics["step"], "val_accuracy" in metrics))
+    assert sorted(by_trial.values()) == [[(2, True), (4, True), "end"]] * 2
 
     # No trial keeps CPUs reserved once the sweep is over (Ray Train worker groups used to leak,
     # and every later 1-CPU task in this Ray waited forever).
