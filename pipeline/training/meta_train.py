@@ -290,7 +290,8 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         return {"step": step, "start_step": start_step, "already_done": True}
     if step == 0 and ctx.rank == 0 and cfg.validation.enabled and cfg.validation.at_start:
         # The step-0 point of every validation curve: what the pruner does before meta-training
-        # (for an L1-start channel generator, exactly L1).
+        # (for an L1-start channel generator, L1's mask up to the classifier columns torch-pruning counts
+        # in the last group: the reference scores the task's prototype head, as the benchmark does).
         val_tasks = build_val_tasks(cfg, setup)
         tracker.log(meta_validate(pruner, val_tasks, cfg), 0)
     if cfg.data.prefetch > 0:
