@@ -152,7 +152,9 @@ def _meta_section(preset: DemoPreset, steps: int) -> dict[str, Any]:
         "report_every": max(1, steps // 10),
         "checkpoint_every": max(1, steps // 2),
         "validation": {"every": steps, "tasks": preset.validation_tasks, "ways": 4, "shots": 10,
-                       "test_per_class": 10, "macs_ratio": preset.macs_ratio, "finetune_epochs": 1},
+                       "test_per_class": 10, "macs_ratio": preset.macs_ratio, "finetune_epochs": 1,
+                       # the demo shows the pipeline: no step-0 point, no L1 reference (each costs a validation)
+                       "at_start": False, "reference": None},
     }
 
 

@@ -131,6 +131,8 @@ def trial_template(cfg: TuneConfig, storage: str) -> MetaTrainConfig:
     data.update(report_every=interval, checkpoint_every=interval,
                 storage_path=f"{storage.rstrip('/')}/{cfg.name}/train_runs")
     data["validation"]["every"] = interval
+    # Trials share the starting pruner, so its step-0 validation would be the same work in each.
+    data["validation"]["at_start"] = False
     return MetaTrainConfig.model_validate(data)
 
 

@@ -19,6 +19,7 @@ LIBRARY_LINE = re.compile(
 )
 
 
+@pytest.mark.timeout(1200)  # the subprocess's own limit; the suite's 600 s is too short on a loaded 2-core box
 def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) -> None:
     """`stamp demo --quick` as a user runs it: a separate process with its own local Ray (so no
     actor or placement group can outlive it into other tests), against the real S3 and MLflow."""
