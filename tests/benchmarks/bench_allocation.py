@@ -36,7 +36,13 @@ from stamp_core.baselines import score_uniform, select_spec
 from stamp_core.groups import score_l1
 from stamp_core.pruner import spec_from_kept
 
-MASKS = ("l1", "uniform", "l1_in_uniform", "activation_in_l1", "stamp", "stamp_in_l1", "l1_in_stamp")
+#: mask name -> (whose allocation: channels kept per layer, whose ranking inside a layer; None = its own)
+_MIXES: dict[str, tuple[str, str | None]] = {
+    "l1": ("l1", None), "uniform": ("uniform", None), "l1_in_uniform": ("uniform", "l1"),
+    "activation_in_l1": ("l1", "activation"), "stamp": ("stamp", None), "stamp_in_l1": ("l1", "stamp"),
+    "l1_in_stamp": ("stamp", "l1"),
+}
+MASKS = tuple(_MIXES)
 
 
 def _ranked(counts: Sequence[int], scores: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -59,26 +65,25 @@ def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_
         summary = pruner.summarize(x[sample], y[sample])
     activation = [r.double().mean(0) for r in responses]
 
+    allocations: dict[str, Callable[[float], PruneSpec]] = {
+        "l1": lambda r: select_spec(l1, structure, config, r, normalize=True),
+        "uniform": lambda r: select_spec(score_uniform(structure), structure, config, r),
+        "stamp": lambda r: pruner.generate(x[sample], y[sample], macs_ratio=r, embedding=summary),
+    }
+    rankings: dict[str, Callable[[float], Sequence[torch.Tensor]]] = {
+        "l1": lambda r: l1,
+        "activation": lambda r: activation,
+        "stamp": lambda r: [p.double() for p in pruner.keep_probabilities(summary, r)],
+    }
+
     def build(name: str, r: float) -> PruneSpec:
-        l1_spec = select_spec(l1, structure, config, r, normalize=True)
-        if name == "l1":
-            return l1_spec
-        uniform = select_spec(score_uniform(structure), structure, config, r)
-        if name == "uniform":
-            return uniform
-        if name == "l1_in_uniform":
-            return spec_from_kept(_ranked(_counts(uniform), l1), structure, config, r)
-        if name == "activation_in_l1":
-            return spec_from_kept(_ranked(_counts(l1_spec), activation), structure, config, r)
-        probs = [p.double() for p in pruner.keep_probabilities(summary, r)]
-        stamp = pruner.generate(x[sample], y[sample], macs_ratio=r, embedding=summary)
-        if name == "stamp":
-            return stamp
-        if name == "stamp_in_l1":
-            return spec_from_kept(_ranked(_counts(l1_spec), probs), structure, config, r)
-        if name == "l1_in_stamp":
-            return spec_from_kept(_ranked(_counts(stamp), l1), structure, config, r)
-        raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)}")
+        if name not in _MIXES:
+            raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)}")
+        allocation_of, ranking_of = _MIXES[name]
+        allocation = allocations[allocation_of](r)
+        if ranking_of is None:
+            return allocation
+        return spec_from_kept(_ranked(_counts(allocation), rankings[ranking_of](r)), structure, config, r)
 
     return build
 
