@@ -11,7 +11,11 @@ Masks, all on the same weights (the pruner's backbone) and through the benchmark
 * ``activation_in_l1``: L1's allocation, ranked by the mean response on the target's sample;
 * ``stamp``: the pruner's own mask (from the target's sample);
 * ``stamp_in_l1``: L1's allocation, ranked by the pruner's keep probabilities;
-* ``l1_in_stamp``: the pruner's allocation, ranked by L1.
+* ``l1_in_stamp``: the pruner's allocation, ranked by L1;
+* any ``<ranking>_in_<allocation>``: allocation ``l1``, ``uniform`` or ``stamp``; ranking ``l1``,
+  ``activation``, ``separability`` (share of a channel's response variance explained by the class on
+  the target's sample), ``stamp`` or a registered one-pass criterion (``snip``, ``grasp``,
+  ``synflow``, ``random``), e.g. ``snip_in_l1``.
 
 Run from the repository root:
     .venv/bin/python -m tests.benchmarks.bench_allocation --pruner PRUNER_DIR --target digits \\
@@ -21,6 +25,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +36,9 @@ import torch
 from pipeline.apps.benchmark import dev_split
 from pipeline.apps.prune import resolve_data
 from pipeline.registry import load_pruner
-from stamp_core import PruneSpec, StampPruner, default_finetune, prepare_images, prune_and_finetune
-from stamp_core.baselines import score_uniform, select_spec
+from stamp_core import PruneSpec, StampPruner, default_finetune, init_classifier_from_prototypes, prepare_images, prune_and_finetune
+from stamp_core.baselines import ScoringInput, get_criterion, list_criteria, score_uniform, select_spec
+from stamp_core.channel_generator import channel_statistics
 from stamp_core.groups import score_l1
 from stamp_core.pruner import spec_from_kept
 
@@ -43,6 +49,19 @@ _MIXES: dict[str, tuple[str, str | None]] = {
     "l1_in_stamp": ("stamp", "l1"),
 }
 MASKS = tuple(_MIXES)
+_ALLOCATIONS = ("l1", "uniform", "stamp")
+
+
+def parse_mask(name: str) -> tuple[str, str | None]:
+    """``(allocation, ranking)`` of a mask name (see the module docstring); ValueError on a bad name."""
+    if name in _MIXES:
+        return _MIXES[name]
+    ranking, sep, allocation = name.rpartition("_in_")
+    rankings = tuple(dict.fromkeys(("l1", "activation", "separability", "stamp") + tuple(c for c in list_criteria() if not get_criterion(c).trains)))
+    if not sep or allocation not in _ALLOCATIONS or ranking not in rankings:
+        raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)} or <ranking>_in_<allocation> "
+                         f"(allocation {'/'.join(_ALLOCATIONS)}, ranking {'/'.join(rankings)})")
+    return allocation, ranking
 
 
 def _ranked(counts: Sequence[int], scores: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -64,6 +83,13 @@ def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_
         _, responses = pruner.extract_features(x[sample], channel_responses=True)
         summary = pruner.summarize(x[sample], y[sample])
     activation = [r.double().mean(0) for r in responses]
+    separability = [st[:, 2].double() for st in channel_statistics(responses, y[sample])]
+    scored = copy.deepcopy(pruner.backbone)  # one-batch criteria need a head for the task's classes
+    scored.reset_classifier(int(y.max()) + 1)
+    init_classifier_from_prototypes(scored, x, y)
+
+    def criterion(name: str, r: float) -> Sequence[torch.Tensor]:
+        return get_criterion(name).score(ScoringInput(scored, structure, x, y, r))
 
     allocations: dict[str, Callable[[float], PruneSpec]] = {
         "l1": lambda r: select_spec(l1, structure, config, r, normalize=True),
@@ -73,17 +99,17 @@ def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_
     rankings: dict[str, Callable[[float], Sequence[torch.Tensor]]] = {
         "l1": lambda r: l1,
         "activation": lambda r: activation,
+        "separability": lambda r: separability,
         "stamp": lambda r: [p.double() for p in pruner.keep_probabilities(summary, r)],
     }
 
     def build(name: str, r: float) -> PruneSpec:
-        if name not in _MIXES:
-            raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)}")
-        allocation_of, ranking_of = _MIXES[name]
+        allocation_of, ranking_of = parse_mask(name)
         allocation = allocations[allocation_of](r)
         if ranking_of is None:
             return allocation
-        return spec_from_kept(_ranked(_counts(allocation), rankings[ranking_of](r)), structure, config, r)
+        ranking = rankings[ranking_of](r) if ranking_of in rankings else criterion(ranking_of, r)
+        return spec_from_kept(_ranked(_counts(allocation), ranking), structure, config, r)
 
     return build
 
@@ -92,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pruner", required=True, help="a saved pruner directory or models:/ URI")
     ap.add_argument("--target", required=True, help="a load_source spec, e.g. digits or npz:PATH?classes=6,7,8,9")
-    ap.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    ap.add_argument("--masks", nargs="+", default=list(MASKS), help=f"default: {' '.join(MASKS)}; or <ranking>_in_<allocation>")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds")
     ap.add_argument("--dev-per-class", type=int, default=50)
@@ -101,6 +127,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per cell here")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    for name in args.masks:  # refuse a misspelt mask before any fine-tune
+        try:
+            parse_mask(name)
+        except ValueError as exc:
+            ap.error(str(exc))
     torch.set_num_threads(args.threads)
     pruner = load_pruner(args.pruner).eval()
     ds = dev_split(resolve_data(args.target), args.dev_per_class)
