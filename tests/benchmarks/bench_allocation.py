@@ -42,20 +42,16 @@ from stamp_core.channel_generator import channel_statistics
 from stamp_core.groups import score_l1
 from stamp_core.pruner import spec_from_kept
 
-#: mask name -> (whose allocation: channels kept per layer, whose ranking inside a layer; None = its own)
-_MIXES: dict[str, tuple[str, str | None]] = {
-    "l1": ("l1", None), "uniform": ("uniform", None), "l1_in_uniform": ("uniform", "l1"),
-    "activation_in_l1": ("l1", "activation"), "stamp": ("stamp", None), "stamp_in_l1": ("l1", "stamp"),
-    "l1_in_stamp": ("stamp", "l1"),
-}
-MASKS = tuple(_MIXES)
+#: masks that are their own allocation and ranking; any other mask is ``<ranking>_in_<allocation>``
 _ALLOCATIONS = ("l1", "uniform", "stamp")
+MASKS = ("l1", "uniform", "l1_in_uniform", "activation_in_l1", "stamp", "stamp_in_l1", "l1_in_stamp")
 
 
 def parse_mask(name: str) -> tuple[str, str | None]:
-    """``(allocation, ranking)`` of a mask name (see the module docstring); ValueError on a bad name."""
-    if name in _MIXES:
-        return _MIXES[name]
+    """``(allocation, ranking)`` of a mask name, ranking None for the allocation's own (see the module
+    docstring); ValueError on a bad name."""
+    if name in _ALLOCATIONS:
+        return name, None
     ranking, sep, allocation = name.rpartition("_in_")
     rankings = tuple(dict.fromkeys(("l1", "activation", "separability", "stamp") + tuple(c for c in list_criteria() if not get_criterion(c).trains)))
     if not sep or allocation not in _ALLOCATIONS or ranking not in rankings:

@@ -47,6 +47,7 @@ import torch
 
 from pipeline.apps.benchmark import dev_split
 from pipeline.apps.prune import load_catalog_dataset, resolve_data
+from pipeline.data import Catalog
 from pipeline.registry import load_pruner
 from stamp_core import PruneSpec, StampPruner, default_finetune, prepare_images, prune_and_finetune
 from stamp_core.baselines import score_uniform, select_spec
@@ -101,9 +102,10 @@ def run(args: argparse.Namespace) -> None:
     structure, config = pruner.structure, pruner.backbone.config
     l1 = score_l1(pruner.backbone, structure)
     size = pruner.config.image_size
+    catalogued = set(Catalog.load(args.catalog).names())
     for name in args.datasets:
-        # a load_source spec (a benchmark target's dev split: never its test split) or a catalog name
-        data = resolve_data(name) if ":" in name or name == "digits" else load_catalog_dataset(args.catalog, name)
+        # a catalog name, or a load_source spec (a benchmark target's dev split: never its test split)
+        data = load_catalog_dataset(args.catalog, name) if name in catalogued else resolve_data(name)
         ds = dev_split(data, args.dev_per_class)
         keep = np.concatenate([np.flatnonzero(ds.y_train == c)[: args.train_per_class] for c in np.unique(ds.y_train)])
         x, y = prepare_images(ds.x_train[keep], size), torch.as_tensor(ds.y_train[keep]).long()
@@ -164,11 +166,11 @@ def analyze(paths: Sequence[str], neighbours: int = 5) -> str:
         if min(seeds) >= 2:
             # the oracle without its seed noise: pick each task's candidate on one fine-tune seed, score
             # it on another (the dev images are the same, so dev-sample luck is not removed)
-            s = np.array([[per_seed[k][c][:2] for c in candidates] for k in keys])  # tasks x candidates x 2
-            rows = np.arange(len(keys))
-            split = np.mean([s[rows, s[:, :, i].argmax(1), 1 - i].mean() for i in (0, 1)])
+            two = np.array([[per_seed[k][c][:2] for c in candidates] for k in keys])  # tasks x candidates x 2
+            tasks = np.arange(len(keys))
+            split = np.mean([two[tasks, two[:, :, i].argmax(1), 1 - i].mean() for i in (0, 1)])
             out.append(f"  per-task choice on one seed, scored on the other: {split:.2f} (best single {a.mean(0).max():.2f}); "
-                       f"median |seed 0 - seed 1| of a cell {np.median(np.abs(s[:, :, 0] - s[:, :, 1])):.2f}")
+                       f"median |seed 0 - seed 1| of a cell {np.median(np.abs(two[:, :, 0] - two[:, :, 1])):.2f}")
         e = np.stack([embedding[n] for n in names])
         e = (e - e.mean(0)) / (e.std(0) + 1e-8)
         for held_out, group in (("family", _family), ("class subset", _class_subset)):
