@@ -98,7 +98,7 @@ class DataConfig(_Strict):
 
     #: catalog.json URL (s3://... or a local path); None = the platform's catalog from settings.
     catalog_url: str | None = None
-    #: catalog dataset names to train on, or "all" for every dataset in the catalog.
+    #: catalog dataset names (or shell patterns such as ``tin-*``) to train on, or "all" for every dataset.
     sources: Union[Literal["all"], list[str]] = "all"
     #: relative sampling weight per source (missing ones weigh 1), applied on top of ``weighting``.
     weights: dict[str, float] = Field(default_factory=dict)
@@ -142,7 +142,9 @@ class DataConfig(_Strict):
             for s in v:
                 if not isinstance(s, str):
                     raise ValueError(f"source {s!r} is not a dataset name")
-                _check_name(s, "dataset name")
+                # a shell pattern (tin-*) picks one suite out of a shared catalog: the characters around
+                # the wildcards must still be those of dataset names
+                _check_name(re.sub(r"[*?\[\]]", "x", s), "dataset name or pattern")
             if len(set(v)) != len(v):
                 raise ValueError(f"sources lists a dataset twice: {list(v)}")
             return list(v)
@@ -423,12 +425,28 @@ class PretrainConfig(_JobBase):
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    #: random crops (per image, ``crop_padding`` px of black padding) and, with ``hflip``, horizontal flips.
     augment: bool = True
+    #: padding of the random crop in pixels: 4 is the usual recipe for 32-px natural images.
+    crop_padding: int = Field(2, ge=0, le=16)
+    #: random horizontal flips: right for natural images, wrong for digits and glyphs.
+    hflip: bool = False
     #: use at most this many training images per dataset (None = all): quick runs on big sets.
     max_samples_per_dataset: int | None = Field(None, ge=1)
     #: test images per dataset scored after each epoch (rank 0); 0 = skip.
     eval_samples: int = Field(1000, ge=0)
+    #: stop once the best test top-1 of the last ``early_stop_epochs`` epochs beats the best before them
+    #: by less than ``early_stop_min_gain`` (None = always run ``epochs``; needs ``eval_samples > 0``).
+    early_stop_epochs: int | None = Field(None, ge=1)
+    #: accuracy gain (fraction, 0.005 = half a point) that counts as progress for ``early_stop_epochs``.
+    early_stop_min_gain: float = Field(0.005, ge=0, lt=1)
     mlflow: MlflowSection = Field(default_factory=lambda: MlflowSection(experiment="stamp-pretrain"))
+
+    @model_validator(mode="after")
+    def _early_stop_needs_eval(self) -> "PretrainConfig":
+        if self.early_stop_epochs is not None and self.eval_samples == 0:
+            raise ValueError("early_stop_epochs needs eval_samples > 0: the stopping rule reads the test accuracy")
+        return self
 
 
 class MetaTrainConfig(_JobBase):
@@ -436,7 +454,8 @@ class MetaTrainConfig(_JobBase):
 
     kind: Literal["meta_train"] = "meta_train"
     run_name: str = "stamp-meta"
-    #: starting backbone: a pretrain checkpoint or pruner directory (local or s3://), or "none".
+    #: starting backbone: a registered backbone (models:/stamp-backbone-NAME@champion), a pretrain
+    #: checkpoint or pruner directory (local or s3://), or "none".
     pretrained: str = "none"
     pruner: PrunerSection = Field(default_factory=PrunerSection)
     episodes: EpisodeSection = Field(default_factory=EpisodeSection)
@@ -458,6 +477,8 @@ class MetaTrainConfig(_JobBase):
             raise ValueError("pretrained is empty: give a directory, s3://bucket/prefix, or 'none'")
         if v.lower() == "none":
             return "none"
+        if v.startswith("models:/"):  # a registered backbone (stamp backbones register) or pruner
+            return v
         if "://" in v:
             return _check_storage_path(v) or v
         return str(Path(v).expanduser().resolve())

@@ -32,10 +32,32 @@ class TrainConfig:
 
 
 def random_shift(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift the whole batch by one random offset of up to ``pad`` pixels (edges replicated)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
     return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator,
+                     fill: float = -1.0) -> torch.Tensor:
+    """The usual 32-px recipe, per image: pad by ``pad`` with ``fill``, crop back at a random offset, flip half.
+
+    ``fill`` is in prepared-pixel units: -1.0 is black after :func:`prepare_images` (torchvision's
+    ``RandomCrop(padding=pad)`` pads the raw image with black too).
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), value=fill) if pad else x
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    # One gather for the whole batch: row/column index maps per image, no Python loop over images.
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, padded.shape[-1])
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])
+    if flip:
+        flipped = torch.rand(n, generator=gen) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    return out.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
 
 
 #: below this many optimiser steps a warm-up has no room: the schedule is a plain cosine decay.

@@ -30,6 +30,9 @@ stack_app = typer.Typer(help="The embedded local stack: SeaweedFS (S3), MLflow s
 datasets_app = typer.Typer(help="Datasets in the catalog.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(datasets_app, name="datasets")
+backbones_app = typer.Typer(help="Reference backbones: the repository's backbones/ folder and their MLflow models.",
+                            no_args_is_help=True)
+app.add_typer(backbones_app, name="backbones")
 
 console = Console(stderr=True)
 out = Console()
@@ -215,6 +218,50 @@ def datasets_remove(
 
     remove_dataset(name, catalog or _settings.get_settings().catalog_url, delete_shards=not keep_shards)
     out.print(f"removed {name}")
+
+
+# ----------------------------------------------------------------------------- backbones
+@backbones_app.command("list")
+@_friendly
+def backbones_list() -> None:
+    """The reference backbones of backbones/manifest.json, their data and validation top-1."""
+    from pipeline.registry.backbones import BACKBONES_DIR, read_manifest
+
+    table = Table("name", "backbone", "data", "epochs", "val top-1", "command")
+    table.columns[0].no_wrap = True
+    for e in read_manifest():
+        table.add_row(e.name, str(e.architecture.get("name")), ",".join(d["name"] for d in e.datasets), str(e.epochs),
+                      f"{100 * e.val_top1:.1f}%", e.command)
+    out.print(table)
+    out.print(f"folder: {BACKBONES_DIR}")
+
+
+@backbones_app.command("add")
+@_friendly
+def backbones_add(
+    source: str = typer.Argument(..., help="A pretrain run directory (its last checkpoint is taken) or a checkpoint."),
+    name: str = typer.Option(..., "--name", help="Entry name, e.g. resnet20-tinyimagenet32: the files are NAME.json and NAME.pt."),
+    command: str = typer.Option(..., "--command", help="The exact pretrain command that produced SOURCE (recorded with its recipe)."),
+    notes: str = typer.Option("", "--notes", help="A line for the manifest (and the model version's description)."),
+) -> None:
+    """Copy a pretrained backbone into backbones/ and record it in the manifest (sha256, command, curve)."""
+    from pipeline.registry.backbones import add_backbone
+
+    e = add_backbone(source, name, command, notes=notes)
+    out.print(f"added {e.name}: {e.architecture.get('name')}, {e.epochs} epochs, validation top-1 {100 * e.val_top1:.1f}%")
+
+
+@backbones_app.command("register")
+@_friendly
+def backbones_register(
+    names: Optional[list[str]] = typer.Argument(None, help="Entries to register; default: all of the manifest."),
+    alias: str = typer.Option("champion", "--alias", help="Point this alias at each new version."),
+) -> None:
+    """Register the reference backbones in MLflow as stamp-backbone-<name> (one new version each)."""
+    from pipeline.registry.backbones import register_backbones
+
+    for uri in register_backbones(names or None, alias=alias):
+        out.print(f"registered {uri} (alias {alias!r})")
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ DEFAULT_TEST = 400
 MAX_IMAGES = 20_000  #: per split; suites are many modest datasets, not a few large ones
 
 FASHION_MNIST_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+#: the ten Describable Textures classes of ../shared/datasets/dtd10.npz
+DTD10_CLASS_NAMES = ("banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+                     "crosshatched", "crystalline")
+OMNIGLOT_CLASS_NAME = r"[^/]+/character\d+"
 #: The procedural family held out as the unseen target of the demo and the benchmark.
 HELD_OUT_PROCEDURAL = "glyphs"
 
@@ -59,6 +65,8 @@ class HeldOutTarget:
     procedural: str | None = None  #: procedural family name that matches
     class_names: tuple[str, ...] | None = None  #: a base whose class names are all among these matches
     classes: frozenset[str] | None = None  #: held-out class names within a matching base
+    #: a base whose class names all match this regular expression matches (Omniglot's ``Alphabet/characterNN``)
+    class_name_pattern: str | None = None
 
     def conflict(self, kind: str, family: str, base_class_names: tuple[str, ...], chosen: tuple[str, ...]) -> list[str]:
         """The chosen class names that are this target (empty when none)."""
@@ -66,6 +74,8 @@ class HeldOutTarget:
             (self.kind is not None and kind == self.kind and (self.procedural is None or family == self.procedural))
             # A subset counts too: a base spec may already select classes (npz:...?classes=5,6).
             or (self.class_names is not None and set(base_class_names) <= set(self.class_names))
+            or (self.class_name_pattern is not None and bool(base_class_names)
+                and all(re.fullmatch(self.class_name_pattern, c) for c in base_class_names))
         )
         if not matches:
             return []
@@ -79,6 +89,10 @@ HELD_OUT_TARGETS: tuple[HeldOutTarget, ...] = (
                   classes=frozenset(FASHION_MNIST_CLASS_NAMES[6:])),
     HeldOutTarget(f"procedural {HELD_OUT_PROCEDURAL} (the held-out procedural family)", kind="procedural",
                   procedural=HELD_OUT_PROCEDURAL),
+    # The natural-image world's targets (jobs/configs/benchmark_natural.yaml): Tiny-ImageNet is its only source.
+    HeldOutTarget("CIFAR-10 (a natural-image benchmark target)", class_names=CIFAR10_CLASS_NAMES),
+    HeldOutTarget("DTD-10 textures (a natural-image benchmark target)", class_names=DTD10_CLASS_NAMES),
+    HeldOutTarget("Omniglot characters (a natural-image benchmark target)", class_name_pattern=OMNIGLOT_CLASS_NAME),
 )
 
 

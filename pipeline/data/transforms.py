@@ -231,6 +231,30 @@ def noise(x: Images, rng: np.random.Generator, sigma: float = 20.0) -> Images:
     return _to_uint8(x.astype(np.float32) + rng.normal(0.0, sigma, x.shape).astype(np.float32))
 
 
+def grayscale(x: Images, rng: np.random.Generator) -> Images:
+    """Luminance repeated to 3 channels (ITU-R 601): colour photos as a grey camera sees them."""
+    return _to_uint8(np.repeat(255.0 * _luminance(x), 3, axis=-1))
+
+
+def color_shift(x: Images, rng: np.random.Generator, strength: float = 0.3) -> Images:
+    """A random gain per channel and image in [1 - strength, 1 + strength] (a white-balance / sensor cast).
+
+    Grey input is repeated to 3 channels first, so the output is always RGB.
+    """
+    xf = x.astype(np.float32)
+    if xf.shape[-1] == 1:
+        xf = np.repeat(xf, 3, axis=-1)
+    gains = rng.uniform(1.0 - strength, 1.0 + strength, (len(x), 1, 1, 3)).astype(np.float32)
+    return _to_uint8(xf * gains)
+
+
+def low_contrast(x: Images, rng: np.random.Generator, factor: float = 0.4) -> Images:
+    """Pull every pixel towards its image's mean grey by ``1 - factor`` (haze, a washed-out scan)."""
+    xf = x.astype(np.float32)
+    mean = xf.mean(axis=(1, 2, 3), keepdims=True)
+    return _to_uint8(mean + factor * (xf - mean))
+
+
 TEXTURE_KINDS = ("stripes", "checker", "smooth")
 
 
@@ -281,6 +305,9 @@ TRANSFORMS: dict[str, Transform] = {
                                      _p("shift", "float", 0.0, 0.0, 0.4, short="t")), "aff", affine.__doc__ or ""),
         Transform("blur", blur, (_p("sigma", "float", 1.0, 0.3, 4.0),), "blur", blur.__doc__ or ""),
         Transform("noise", noise, (_p("sigma", "float", 20.0, 1.0, 128.0),), "noise", noise.__doc__ or ""),
+        Transform("grayscale", grayscale, (), "gray", grayscale.__doc__ or ""),
+        Transform("color_shift", color_shift, (_p("strength", "float", 0.3, 0.05, 0.9),), "cshift", color_shift.__doc__ or ""),
+        Transform("low_contrast", low_contrast, (_p("factor", "float", 0.4, 0.05, 0.95),), "lowc", low_contrast.__doc__ or ""),
         Transform("texture_background", texture_background,
                   (_p("kind", "choice", "stripes", choices=TEXTURE_KINDS), _p("contrast", "float", 0.5, 0.05, 1.0, short="c")),
                   "tex", texture_background.__doc__ or ""),

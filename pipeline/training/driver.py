@@ -9,6 +9,8 @@ CLI's progress line).
 
 from __future__ import annotations
 
+import fnmatch
+
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -28,8 +30,22 @@ ReportHandler = Callable[[dict[str, Any]], None]
 
 
 def resolve_sources(cfg_sources: Any, catalog: Any) -> list[str]:
-    """``"all"`` -> every catalogued dataset; a list is checked against the catalog."""
-    names = catalog.names() if cfg_sources == "all" else list(cfg_sources)
+    """``"all"`` -> every catalogued dataset; a list is checked against the catalog, where an entry with
+    shell wildcards (``tin-*``) stands for every catalogued name it matches (one suite of a shared catalog)."""
+    if cfg_sources == "all":
+        names = catalog.names()
+    else:
+        names = []
+        for entry in cfg_sources:
+            if not any(ch in entry for ch in "*?["):
+                names.append(entry)
+                continue
+            matched = sorted(fnmatch.filter(catalog.names(), entry))
+            if not matched:
+                raise ConfigError(f"data.sources: pattern {entry!r} matches no dataset of the catalog; "
+                                  "ingest its suite with `stamp ingest --suite`")
+            names.extend(matched)
+        names = list(dict.fromkeys(names))  # a dataset matched twice is drawn as often as any other
     if not names:
         raise ConfigError("data.sources: the catalog has no datasets; ingest some with `stamp ingest`")
     missing = [n for n in names if n not in catalog]
@@ -69,7 +85,7 @@ def pin_locations(cfg: MetaTrainConfig | PretrainConfig, catalog_url: str) -> No
     cfg.data.catalog_url = catalog_url
     cfg.storage_path = resolved_storage_path(cfg.storage_path)
     pretrained = getattr(cfg, "pretrained", "none")  # meta-training only: the backbone to start from
-    if pretrained != "none":
+    if pretrained != "none" and not pretrained.startswith("models:/"):
         cfg.pretrained = absolute_location(pretrained)
     if cfg.mlflow.enabled:
         uri = resolved_tracking_uri(cfg.mlflow)
@@ -127,7 +143,7 @@ def node_local_locations(cfg: MetaTrainConfig | PretrainConfig) -> dict[str, str
     if cfg.data.catalog_url and "://" not in cfg.data.catalog_url:
         found["data.catalog_url"] = cfg.data.catalog_url
     pretrained = getattr(cfg, "pretrained", "none")
-    if pretrained != "none" and not pretrained.startswith("s3://"):
+    if pretrained != "none" and not pretrained.startswith(("s3://", "models:/")):  # models:/ goes with the tracking URI
         found["pretrained"] = pretrained
     uri = cfg.mlflow.tracking_uri
     if cfg.mlflow.enabled and uri and urlsplit(uri).scheme not in ("http", "https", "databricks"):

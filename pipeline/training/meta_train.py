@@ -48,11 +48,12 @@ from pipeline.data import (
     Prefetcher,
     checkpoint_to_local,
     latest_run_checkpoint,
-    load_pretrained_backbone,
     read_checkpoint_state,
     storage_filesystem,
     write_meta_checkpoint,
 )
+from pipeline.registry.backbones import load_backbone
+from pipeline.registry.loading import pin_model_uri
 from pipeline.training.context import RayContext, WorkerContext, WorkerSetup, emit, peak_rss_mb, set_threads
 from pipeline.training.distributed import allreduce_grads, average_buffers, broadcast_state, is_distributed, mean_over_ranks
 from pipeline.training.driver import (
@@ -85,7 +86,8 @@ def build_pruner(cfg: MetaTrainConfig) -> StampPruner:
     if cfg.pretrained == "none":
         backbone = build_backbone(cfg.backbone, 10, **cfg.backbone_kwargs)
     else:
-        backbone = load_pretrained_backbone(cfg.pretrained)
+        # models:/ URIs resolve against the same tracking server the run logs to
+        backbone = load_backbone(cfg.pretrained, tracking_uri=resolved_tracking_uri(cfg.mlflow))
         if backbone.config["name"] != cfg.backbone:
             raise ConfigError(
                 f"pretrained: {cfg.pretrained} holds a {backbone.config['name']} backbone but backbone={cfg.backbone}"
@@ -420,7 +422,10 @@ def prepare_meta_train(cfg: MetaTrainConfig) -> tuple[MetaTrainConfig, WorkerSet
                 )
             if entry.num_classes < 2:
                 raise ConfigError(f"validation.sources: dataset {name!r} has fewer than 2 classes")
-    if cfg.pretrained != "none" and not cfg.pretrained.startswith("s3://") and not Path(cfg.pretrained).is_dir():
+    if cfg.pretrained.startswith("models:/"):
+        # Pin the alias to its version now: every worker (and a resumed run) loads the same weights.
+        cfg.pretrained, _ = pin_model_uri(cfg.pretrained, resolved_tracking_uri(cfg.mlflow))
+    elif cfg.pretrained != "none" and not cfg.pretrained.startswith("s3://") and not Path(cfg.pretrained).is_dir():
         raise ConfigError(f"pretrained: {cfg.pretrained} is not a directory")
     pin_locations(cfg, catalog_url)
     setup = WorkerSetup(catalog_url=catalog_url, s3_endpoint=endpoint,

@@ -53,7 +53,7 @@ from pipeline.training.driver import (
     torch_config,
 )
 from pipeline.training.tracking import Tracker, start_mlflow_run
-from stamp_core import Backbone, build_backbone, evaluate_accuracy, prepare_images, random_shift
+from stamp_core import Backbone, build_backbone, evaluate_accuracy, prepare_images, random_crop_flip
 from stamp_core.pruner import load_weights
 
 
@@ -128,6 +128,13 @@ def _read_rank_share(cfg: PretrainConfig, setup: WorkerSetup, labels: list[dict[
     return _JointData(images, ys)
 
 
+def has_converged(history: list[float], window: int, min_gain: float) -> bool:
+    """True when the best of the last ``window`` scores beats the best before them by less than ``min_gain``."""
+    if len(history) <= window:
+        return False
+    return max(history[-window:]) - max(history[:-window]) < min_gain
+
+
 def _lr_at(step: int, total: int, peak: float) -> float:
     """Linear warm-up over 15% of the steps, then cosine decay (stateless: resumes exactly)."""
     warm = max(1, int(0.15 * total))
@@ -154,12 +161,14 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
     num_classes = sum(s["num_classes"] for s in labels)
 
     start_epoch = 0
+    history: list[float] = []  # test top-1 after each epoch: the early-stopping rule reads it
     with ctx.checkpoint_dir() as ckpt:
         if ckpt is not None:
             model = load_backbone_dir(ckpt)
             state = json.loads((ckpt / STATE_FILE).read_text())
             opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
             start_epoch = int(state["epoch"])
+            history = [float(a) for a in state.get("test_accuracy_history", [])]
         else:
             torch.manual_seed(cfg.seed)
             model = build_backbone(cfg.backbone, num_classes, **cfg.backbone_kwargs)
@@ -200,7 +209,7 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
                 g["lr"] = _lr_at(step, total_steps, cfg.lr)
             xb, yb = data.batch(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]), cfg.data.image_size)
             if cfg.augment:
-                xb = random_shift(xb, 2, gen)
+                xb = random_crop_flip(xb, cfg.crop_padding, cfg.hflip, gen)
             xb, yb = xb.to(device), yb.to(device)
             logits = net(xb)
             loss = F.cross_entropy(logits, yb)
@@ -222,12 +231,17 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
                 if eval_sets:
                     accs = [evaluate_accuracy(model, x.to(device), y.to(device)) for x, y in eval_sets]
                     metrics["test_accuracy"] = float(np.mean(accs))
+                    history.append(metrics["test_accuracy"])
+                    stop = cfg.early_stop_epochs is not None and has_converged(
+                        history, cfg.early_stop_epochs, cfg.early_stop_min_gain)
+                    metrics["converged"] = int(stop)
                 ckpt_dir = Path(tmp) / "ckpt"
                 save_backbone(ckpt_dir, model, {"image_size": cfg.data.image_size, "labels": labels,
                                                 "epoch": epoch + 1, "run_name": cfg.run_name})
                 torch.save(optimizer.state_dict(), ckpt_dir / OPTIMIZER_FILE)
                 write_json_atomic(ckpt_dir / STATE_FILE, {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                                                     "config_hash": cfg.config_hash(exclude=("run_name", "epochs")),
+                                                    "test_accuracy_history": history,
                                                     "mlflow_run_id": setup.mlflow_run_id, "run_name": cfg.run_name})
                 tracker.log(metrics, epoch + 1)
                 acc = f" test_acc {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else ""
@@ -235,7 +249,20 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
                       f"train_acc {metrics['train_accuracy']:.3f}{acc} {metrics['samples_per_s']:.0f} img/s")
             ctx.report(metrics, ckpt_dir, f"{CHECKPOINT_PREFIX}{epoch + 1:08d}")
         last = metrics
+        if _stop_on_every_rank(bool(metrics.get("converged", 0)), ctx, device):
+            emit(ctx, f"[stamp pretrain {cfg.run_name}] converged after epoch {epoch + 1}: the best test top-1 of "
+                      f"the last {cfg.early_stop_epochs} epochs gained less than {cfg.early_stop_min_gain:.3f}")
+            break
     return last
+
+
+def _stop_on_every_rank(stop: bool, ctx: WorkerContext, device: torch.device) -> bool:
+    """Rank 0 decides (it alone evaluates); every rank must leave the loop at the same epoch."""
+    if not is_distributed(ctx):
+        return stop
+    flag = torch.tensor([int(stop and ctx.rank == 0)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _pretrain_loop_ray(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Masks, all on the same weights (the pruner's backbone) and through the benchmark
 * ``stamp``: the pruner's own mask (from the target's sample);
 * ``stamp_in_l1``: L1's allocation, ranked by the pruner's keep probabilities;
 * ``l1_in_stamp``: the pruner's allocation, ranked by L1;
-* any ``<ranking>_in_<allocation>``: allocation ``l1``, ``uniform`` or ``stamp``; ranking ``l1``,
+* ``mixW`` / ``tiltB``: bench_source_allocation's interpolated and depth-tilted allocations, L1 ranking;
+* any ``<ranking>_in_<allocation>``: allocation ``l1``, ``uniform``, ``stamp``, ``mixW`` or ``tiltB``; ranking ``l1``,
   ``activation``, ``separability`` (share of a channel's response variance explained by the class on
   the target's sample), ``stamp`` or a registered one-pass criterion (``snip``, ``grasp``,
   ``synflow``, ``random``), e.g. ``snip_in_l1``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,22 +43,25 @@ from stamp_core.baselines import ScoringInput, get_criterion, list_criteria, sco
 from stamp_core.channel_generator import channel_statistics
 from stamp_core.groups import score_l1
 from stamp_core.pruner import spec_from_kept
+from tests.benchmarks.bench_source_allocation import candidate_fractions, spec_for_fractions
 
 #: masks that are their own allocation and ranking; any other mask is ``<ranking>_in_<allocation>``
 _ALLOCATIONS = ("l1", "uniform", "stamp")
+#: allocations given by per-layer fractions (ranked by L1 unless a ranking is named)
+_FRACTION_ALLOCATION = re.compile(r"^(mix[0-9.]+|tilt[+-][0-9.]+)$")
 MASKS = ("l1", "uniform", "l1_in_uniform", "activation_in_l1", "stamp", "stamp_in_l1", "l1_in_stamp")
 
 
 def parse_mask(name: str) -> tuple[str, str | None]:
     """``(allocation, ranking)`` of a mask name, ranking None for the allocation's own (see the module
     docstring); ValueError on a bad name."""
-    if name in _ALLOCATIONS:
+    if name in _ALLOCATIONS or _FRACTION_ALLOCATION.match(name):
         return name, None
     ranking, sep, allocation = name.rpartition("_in_")
     rankings = tuple(dict.fromkeys(("l1", "activation", "separability", "stamp") + tuple(c for c in list_criteria() if not get_criterion(c).trains)))
-    if not sep or allocation not in _ALLOCATIONS or ranking not in rankings:
-        raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)} or <ranking>_in_<allocation> "
-                         f"(allocation {'/'.join(_ALLOCATIONS)}, ranking {'/'.join(rankings)})")
+    if not sep or not (allocation in _ALLOCATIONS or _FRACTION_ALLOCATION.match(allocation)) or ranking not in rankings:
+        raise ValueError(f"unknown mask {name!r}: expected one of {', '.join(MASKS)}, mixW, tiltB or <ranking>_in_<allocation> "
+                         f"(allocation {'/'.join(_ALLOCATIONS)}/mixW/tiltB, ranking {'/'.join(rankings)})")
     return allocation, ranking
 
 
@@ -101,6 +106,10 @@ def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_
 
     def build(name: str, r: float) -> PruneSpec:
         allocation_of, ranking_of = parse_mask(name)
+        if _FRACTION_ALLOCATION.match(allocation_of):
+            fractions = candidate_fractions(allocation_of, pruner, l1, r, x[sample], y[sample], summary)
+            ranking = l1 if ranking_of is None else rankings[ranking_of](r) if ranking_of in rankings else criterion(ranking_of, r)
+            return spec_for_fractions(fractions, ranking, structure, config, r)
         allocation = allocations[allocation_of](r)
         if ranking_of is None:
             return allocation

@@ -46,3 +46,23 @@ def test_long_runs_keep_the_one_cycle_warm_up() -> None:
     assert len(seen) == 10
     assert seen[0] == pytest.approx(0.05 / 25)
     assert max(seen) > 0.045 and seen[-1] < 0.01
+
+
+def test_random_crop_flip_crops_each_image_at_its_own_offset_and_flips_some() -> None:
+    from stamp_core import random_crop_flip
+
+    x = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).reshape(64, 3, 8, 8)
+    out = random_crop_flip(x, 2, True, torch.Generator().manual_seed(0), fill=-1.0)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    offsets, flips = set(), 0
+    for i in range(64):
+        windows = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                   if torch.equal(out[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert windows, f"image {i} is not a (flipped) window of its padded self"
+        offsets.add(windows[0][:2])
+        flips += windows[0][2]
+    assert len(offsets) > 5 and 10 < flips < 54  # per-image offsets; about half flipped
+    again = random_crop_flip(x, 2, True, torch.Generator().manual_seed(0), fill=-1.0)
+    assert torch.equal(out, again)
+    assert torch.equal(random_crop_flip(x, 0, False, torch.Generator().manual_seed(0)), x)

@@ -120,9 +120,9 @@ def _load_pretrained(m: _Model) -> _Model:
     spec = m.spec
     if not spec.pretrained:
         raise BenchmarkError(f"models: {spec.backbone} has no `pretrained` weights but weights lists 'pretrained'")
-    from pipeline.data import load_pretrained_backbone
+    from pipeline.registry.backbones import load_backbone
 
-    base = load_pretrained_backbone(spec.pretrained)
+    base = load_backbone(spec.pretrained)  # models:/ (settings' tracking URI), a run or checkpoint directory
     mine = {k: v for k, v in base.config.items() if k != "num_classes"}
     theirs = {k: v for k, v in m.pruner.backbone.config.items() if k != "num_classes"}
     if mine != theirs:

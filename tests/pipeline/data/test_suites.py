@@ -25,7 +25,7 @@ from pipeline.data import (
     load_suite,
     s3,
 )
-from pipeline.data.suites import FASHION_MNIST_CLASS_NAMES
+from pipeline.data.suites import CIFAR10_CLASS_NAMES, DTD10_CLASS_NAMES, FASHION_MNIST_CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[3]
 runner = CliRunner()
@@ -119,7 +119,7 @@ BAD_INPUTS = [
     ("unknown transform",
      "- base: digits10\n  variants: [[invert, {sepia: {}}]]\n",
      "dataset datasets[0] (base digits10): field datasets[0].variants[0][1]: unknown transform 'sepia'; expected one of: "
-     "affine, blur, colorize, flip, invert, noise, random_colorize, rotate, texture_background"),
+     "affine, blur, color_shift, colorize, flip, grayscale, invert, low_contrast, noise, random_colorize, rotate, texture_background"),
     ("unknown base",
      "- base: kmnist\n",
      "dataset datasets[0]: field datasets[0].base: unknown base 'kmnist'; expected one of: digits10, fashion, stripes"),
@@ -278,3 +278,41 @@ def test_explicit_names_and_missing_base_files(tmp_path: Path, bases: dict[str, 
     path.write_text(path.read_text().replace(str(bases["fashion"]), "no/such/fashion.npz"))
     with pytest.raises(SuiteError, match=r"suite\.yaml: dataset -: field bases\.fashion: npz file 'no/such/fashion\.npz' not found"):
         load_suite(path)
+
+
+NATURAL_TARGETS = [
+    ("cifar10", list(CIFAR10_CLASS_NAMES), "CIFAR-10 (a natural-image benchmark target)"),
+    ("dtd10", list(DTD10_CLASS_NAMES), "DTD-10 textures (a natural-image benchmark target)"),
+    ("omniglot", [f"{a}/character{i:02d}" for a in ("Balinese", "Korean") for i in (1, 2)],
+     "Omniglot characters (a natural-image benchmark target)"),
+]
+
+
+@pytest.mark.parametrize(("file", "class_names", "label"), NATURAL_TARGETS, ids=[t[0] for t in NATURAL_TARGETS])
+def test_natural_targets_never_enter_a_suite(tmp_path: Path, file: str, class_names: list[str], label: str) -> None:
+    target = _npz(tmp_path / f"{file}.npz", class_names)
+    path = tmp_path / "natural.yaml"
+    path.write_text(f"suite: natural\nbases:\n  t: npz:{target}\ndatasets:\n  - base: t\n    subsets: [[0, 1]]\n")
+    with pytest.raises(HeldOutTargetError) as info:
+        load_suite(path)
+    # the whole base is a target: the error names the base or the subset that uses it
+    assert info.value.field in ("datasets[0].base", "datasets[0].subsets[0]") and label in info.value.problem
+
+
+def test_a_reference_dataset_with_other_class_names_is_a_valid_base(tmp_path: Path) -> None:
+    # Tiny-ImageNet's names, plus one that only looks like an Omniglot character: the pattern needs all of them
+    ref = _npz(tmp_path / "ref.npz", ["goldfish", "bullfrog", "koala", "Latin/character01"])
+    path = tmp_path / "ref.yaml"
+    path.write_text(f"suite: ref\nbases:\n  r: npz:{ref}\ndatasets:\n  - base: r\n    subsets: [[0, 1], [2, 3]]\n")
+    assert [d.classes for d in load_suite(path).datasets] == [(0, 1), (2, 3)]
+
+
+def test_suite_tinyimagenet_is_valid(shared_datasets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    suite = load_suite(REPO / "jobs/configs/sources/suite_tinyimagenet.yaml")
+    assert len(suite.datasets) >= 64 and {d.base for d in suite.datasets} == {"tin"}
+    assert max(d.train for d in suite.datasets) <= 3500
+    sizes = sorted({len(d.classes or ()) for d in suite.datasets})
+    assert sizes[0] == 5 and sizes[-1] == 20
+    domains = {t[0] for d in suite.datasets for t in d.transforms}
+    assert {"grayscale", "color_shift", "blur", "low_contrast", "affine"} <= domains

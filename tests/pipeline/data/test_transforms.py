@@ -112,3 +112,28 @@ def test_tags_show_non_default_values() -> None:
     assert transform_tag("rotate", validate_params("rotate", {"jitter": 10}, "f")) == "rot_j10"
     assert transform_tag("colorize", validate_params("colorize", {"fg": [255, 64, 0]}, "f")) == "col_fff4000"
     assert transform_tag("texture_background", validate_params("texture_background", {"kind": "checker"}, "f")) == "tex_checker"
+
+
+def test_grayscale_is_luminance_in_three_equal_channels() -> None:
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    x[0, ..., 0] = 255  # pure red
+    x[1] = 200
+    y = apply_transform("grayscale", x, np.random.default_rng(0), validate_params("grayscale", {}, "t"))
+    assert y.shape == (2, 4, 4, 3) and (y[..., 0] == y[..., 1]).all() and (y[..., 1] == y[..., 2]).all()
+    assert abs(int(y[0, 0, 0, 0]) - round(0.299 * 255)) <= 1 and y[1, 0, 0, 0] == 200
+
+
+def test_color_shift_scales_each_channel_of_each_image_within_the_strength() -> None:
+    x = np.full((50, 2, 2, 1), 100, np.uint8)  # grey input comes out RGB
+    y = apply_transform("color_shift", x, np.random.default_rng(0), validate_params("color_shift", {"strength": 0.3}, "t"))
+    gains = y[:, 0, 0, :].astype(float) / 100
+    assert y.shape == (50, 2, 2, 3) and gains.min() >= 0.69 and gains.max() <= 1.31
+    assert gains.std(axis=1).mean() > 0.05  # channels differ within an image: a cast, not a brightness change
+
+
+def test_low_contrast_shrinks_deviations_from_the_image_mean_by_the_factor() -> None:
+    x = _images(3)
+    y = apply_transform("low_contrast", x, np.random.default_rng(0), validate_params("low_contrast", {"factor": 0.25}, "t"))
+    dev_x = x.astype(float) - x.mean(axis=(1, 2, 3), keepdims=True)
+    dev_y = y.astype(float) - x.mean(axis=(1, 2, 3), keepdims=True)
+    assert np.abs(dev_y - 0.25 * dev_x).max() <= 1.0  # rounding to uint8 only

@@ -70,3 +70,24 @@ def test_the_benchmark_takes_device_cuda(capsys: pytest.CaptureFixture[str]) -> 
         parse_args(["--device", "cuda", "--precision", "bf16"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA device is visible to torch" in capsys.readouterr().err
+
+
+def test_source_patterns_pick_one_suite_out_of_a_shared_catalog(local_catalog: str) -> None:
+    from pipeline.data import Catalog
+    from pipeline.training.driver import resolve_sources
+
+    catalog = Catalog.load(local_catalog)
+    names = catalog.names()
+    first = names[0].split("-")[0]
+    assert resolve_sources("all", catalog) == names
+    assert resolve_sources([f"{first}*"], catalog) == sorted(n for n in names if n.startswith(first))
+    # a name and a pattern that also matches it: drawn once, in the order given
+    assert resolve_sources([names[-1], "*"], catalog) == [names[-1]] + [n for n in names if n != names[-1]]
+    with pytest.raises(ConfigError, match="pattern 'nothing-\\*' matches no dataset"):
+        resolve_sources(["nothing-*"], catalog)
+
+
+def test_a_source_pattern_is_a_valid_config_and_a_bad_one_is_not(tmp_path: Path) -> None:
+    assert tiny_meta_config(str(tmp_path / "c.json"), data={"sources": ["tin-*", "mnist-c0-?"]}).data.sources == ["tin-*", "mnist-c0-?"]
+    with pytest.raises(Exception, match="dataset name or pattern"):
+        tiny_meta_config(str(tmp_path / "c.json"), data={"sources": ["../*"]})

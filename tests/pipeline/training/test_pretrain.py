@@ -67,3 +67,32 @@ def test_run_pretrain_two_workers_ddp(ray_local: None, s3_data: tuple[str, str],
     assert [s["dataset"] for s in meta["labels"]] == list(SOURCES)
     logits = backbone(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 16) and np.isfinite(logits.detach().numpy()).all()
+
+
+def test_has_converged_compares_the_best_of_the_window_with_the_best_before() -> None:
+    from pipeline.training.pretrain import has_converged
+
+    assert not has_converged([0.1, 0.2, 0.3], 5, 0.005)  # not enough epochs to judge
+    assert has_converged([0.40, 0.50, 0.501, 0.499, 0.502, 0.503, 0.504], 5, 0.005)  # +0.4 points in 5 epochs
+    assert not has_converged([0.40, 0.50, 0.501, 0.499, 0.502, 0.503, 0.505], 5, 0.005)  # +0.5 points: still learning
+    assert not has_converged([0.5, 0.2, 0.3, 0.4, 0.45, 0.6], 5, 0.005)  # a new best at the end
+
+
+def test_early_stopping_needs_the_test_accuracy() -> None:
+    with pytest.raises(ValueError, match="early_stop_epochs needs eval_samples > 0"):
+        PretrainConfig.model_validate(dict(early_stop_epochs=5, eval_samples=0))
+
+
+def test_pretraining_stops_once_converged_and_keeps_the_curve(local_catalog: str, tmp_path: Path) -> None:
+    # a gain of 99 points cannot be reached: the rule fires as soon as it can judge, after epoch 2
+    cfg = PretrainConfig.model_validate(dict(
+        backbone="small_cnn", backbone_kwargs={"width": 8}, epochs=4, batch_size=32, eval_samples=20,
+        early_stop_epochs=1, early_stop_min_gain=0.99, crop_padding=4, hflip=True,
+        data={"catalog_url": local_catalog, "sources": "all"}, mlflow={"enabled": False},
+    ))
+    cfg, setup, labels, _ = prepare_pretrain(cfg)
+    ctx = LocalContext(tmp_path / "pre")
+    last = pretrain_worker(cfg, ctx, setup, labels)
+    assert [r["epoch"] for r in ctx.reports] == [1, 2] and [r["converged"] for r in ctx.reports] == [0, 1]
+    state = json.loads((tmp_path / "pre" / "checkpoint_00000002" / "state.json").read_text())
+    assert state["test_accuracy_history"] == [r["test_accuracy"] for r in ctx.reports] and last["epoch"] == 2
