@@ -105,6 +105,10 @@ def _append(path: str | None, row: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if args.catalog and args.catalog.startswith("s3://"):
+        from pipeline.settings import get_settings, load_stack_credentials
+
+        load_stack_credentials(get_settings().state_dir)  # the embedded stack's S3, unless the environment names one
     pruner = load_subject(args.pruner, args.backbone)
     size = pruner.config.image_size
     done = _done(args.out)
