@@ -33,7 +33,7 @@ CORE_FORBIDDEN = ("pipeline", "ray", "mlflow", "boto3", "botocore", "webdataset"
 #: (group, rank): a module may import its own group or a group of lower rank. A group is a module
 #: or a package and everything below it; the longest matching group classifies a module.
 #: config and plots sit just above settings: every layer above may use typed configs and figures.
-#: The package's own __init__ and the one-release shims come last: nothing imports them.
+#: The package's own __init__ comes last: nothing imports it.
 LAYERS: tuple[tuple[str, int], ...] = (
     ("stamp_core", 0),
     ("pipeline.settings", 1),
@@ -45,8 +45,6 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("pipeline.training", 5),
     ("pipeline.apps", 6),
     ("pipeline", 7),  # pipeline/__init__.py only (a group matches its own name and what is below it)
-    ("pipeline.cli", 7),  # shim -> pipeline.apps.cli
-    ("pipeline.pyfunc_model", 7),  # shim -> pipeline.registry.pyfunc_model
 )
 
 

@@ -61,22 +61,11 @@ def test_prune_with_missing_model_directory_is_a_clear_error(tmp_path: Path) -> 
 
 def test_importing_the_cli_stays_light() -> None:
     """`stamp --help` stays fast: the CLI module imports neither torch nor Ray nor MLflow."""
-    code = ("import sys, pipeline.apps.cli, pipeline.cli; "
+    code = ("import sys, pipeline.apps.cli; "
             "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-W", "ignore::FutureWarning", "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert proc.stdout.strip() == "[]"
-
-
-def test_old_cli_path_still_runs_with_a_future_warning() -> None:
-    """Console scripts installed before the move name `pipeline.cli:app`."""
-    with pytest.warns(FutureWarning, match="pipeline.cli moved to pipeline.apps.cli"):
-        sys.modules.pop("pipeline.cli", None)
-        old = importlib.import_module("pipeline.cli")
-    assert old.app is app
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "meta-train" in proc.stdout
-    assert "FutureWarning" in proc.stderr
 
 
 def test_every_lazily_named_error_type_exists() -> None:

@@ -6,18 +6,15 @@ directory holds a copy of the file (``pyfunc_model.py``), the pruner artifact an
 These tests build such directories in ``tmp_path`` exactly as that ``log_pruner`` did (same
 ``mlflow.pyfunc.save_model`` arguments, a tiny random pruner saved as JSON + state_dict) and load
 them through the public paths: :func:`pipeline.registry.load_pruner` and ``mlflow.pyfunc.load_model``.
-
-* ``registered-before``: the directory carries the model file as it was logged then (the moved
-  module's code, which the move left unchanged) and its MLmodel names the old path.
-* ``old-path-after``: a script written for the old layout logs ``pipeline/pyfunc_model.py`` today,
-  i.e. the one-release shim.
+The directory carries the model file as it was logged then (the moved module's code, which the move
+left unchanged) and its MLmodel names the old path, which no longer exists in this checkout: MLflow
+loads the model directory's own copy.
 """
 
 from __future__ import annotations
 
 import ast
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ from pipeline.registry import PRUNER_ARTIFACT, generate_spec, load_pruner, prune
 from stamp_core import StampPruner
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-OLD_MODEL_FILE = REPO_ROOT / "pipeline" / "pyfunc_model.py"  # what the old log_pruner passed
+OLD_MODEL_FILE = REPO_ROOT / "pipeline" / "pyfunc_model.py"  # what the old log_pruner passed (gone since)
 
 
 def _tiny_pruner() -> StampPruner:
@@ -63,17 +60,15 @@ def _save_like_the_old_log_pruner(pruner: StampPruner, model_file: Path, tmp_pat
     shutil.copytree(Path(__import__("stamp_core").__file__).parent, code,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     model_dir = tmp_path / "model"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the shim's, when it is the file being logged
-        mlflow.pyfunc.save_model(
-            str(model_dir),
-            python_model=str(model_file),
-            artifacts={PRUNER_ARTIFACT: str(pruner_dir)},
-            code_paths=[str(code)],
-            signature=pruner_signature(),
-            input_example=(_images(2), {"macs_ratio": 0.5}),
-            pip_requirements=["mlflow", "torch", "torch-pruning", "numpy", "pandas"],
-        )
+    mlflow.pyfunc.save_model(
+        str(model_dir),
+        python_model=str(model_file),
+        artifacts={PRUNER_ARTIFACT: str(pruner_dir)},
+        code_paths=[str(code)],
+        signature=pruner_signature(),
+        input_example=(_images(2), {"macs_ratio": 0.5}),
+        pip_requirements=["mlflow", "torch", "torch-pruning", "numpy", "pandas"],
+    )
     return model_dir
 
 
@@ -81,17 +76,14 @@ def _mlmodel(model_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((model_dir / "MLmodel").read_text())
 
 
-@pytest.mark.parametrize("case", ["registered-before", "old-path-after"])
-def test_a_model_naming_the_old_code_path_loads_and_generates_the_same_spec(case: str, tmp_path: Path) -> None:
+def test_a_model_naming_the_old_code_path_loads_and_generates_the_same_spec(tmp_path: Path) -> None:
     pruner = _tiny_pruner()
-    if case == "registered-before":
-        model_dir = _save_like_the_old_log_pruner(pruner, _model_file_then(tmp_path), tmp_path)
-        # The old checkout stood where this one stands: its MLmodel names this repository's old path.
-        meta = _mlmodel(model_dir)
-        meta["flavors"]["python_function"]["model_code_path"] = str(OLD_MODEL_FILE)
-        (model_dir / "MLmodel").write_text(yaml.safe_dump(meta))
-    else:
-        model_dir = _save_like_the_old_log_pruner(pruner, OLD_MODEL_FILE, tmp_path)
+    model_dir = _save_like_the_old_log_pruner(pruner, _model_file_then(tmp_path), tmp_path)
+    # The old checkout stood where this one stands: its MLmodel names this repository's old path.
+    meta = _mlmodel(model_dir)
+    meta["flavors"]["python_function"]["model_code_path"] = str(OLD_MODEL_FILE)
+    (model_dir / "MLmodel").write_text(yaml.safe_dump(meta))
+    assert not OLD_MODEL_FILE.exists()
 
     flavor = _mlmodel(model_dir)["flavors"]["python_function"]
     assert flavor["model_code_path"] == str(OLD_MODEL_FILE)
@@ -105,12 +97,7 @@ def test_a_model_naming_the_old_code_path_loads_and_generates_the_same_spec(case
     loaded = load_pruner(model_dir)  # no pyfunc: MLmodel -> artifact -> StampPruner.load
     assert generate_spec(loaded, images, None, 0.4).to_json() == expected.to_json()
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = mlflow.pyfunc.load_model(str(model_dir))  # executes the model directory's pyfunc_model.py
-    shim_warned = any(issubclass(w.category, FutureWarning) and "pipeline.pyfunc_model moved" in str(w.message)
-                      for w in caught)
-    assert shim_warned == (case == "old-path-after")
+    model = mlflow.pyfunc.load_model(str(model_dir))  # executes the model directory's pyfunc_model.py
     assert model.predict(images, params={"macs_ratio": 0.4}) == [expected.to_json()]
 
 
@@ -121,14 +108,3 @@ def test_the_model_file_imports_nothing_of_this_repository_but_stamp_core() -> N
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert roots <= {"__future__", "typing", "mlflow", "numpy", "pandas", "torch", "stamp_core"}, roots
     assert Path(moved.__file__).name == "pyfunc_model.py"  # MLflow finds each model's copy by this name
-
-
-def test_old_import_path_re_exports_with_a_future_warning() -> None:
-    import importlib
-    import sys
-
-    sys.modules.pop("pipeline.pyfunc_model", None)
-    with pytest.warns(FutureWarning, match="pipeline.registry.pyfunc_model"):
-        old = importlib.import_module("pipeline.pyfunc_model")
-    assert old.StampPrunerModel is moved.StampPrunerModel and old.generate_spec is moved.generate_spec
-    assert old.PRUNER_ARTIFACT == PRUNER_ARTIFACT
