@@ -41,16 +41,11 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
 
 
 def init_ray() -> None:
-    """Attach to RAY_ADDRESS / the stack's head when there is one, else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
+    """Attach to RAY_ADDRESS / the stack's head when there is one, else start a local Ray on 127.0.0.1."""
     from pipeline.settings import get_settings
+    from pipeline.stack import init_ray as start_or_attach
 
-    address = os.environ.get("RAY_ADDRESS") or get_settings().ray_address
-    # Job scripts are not tests: starting (or joining) the machine's Ray is what a user expects.
-    ray.init(address=address) if address else ray.init()
+    start_or_attach(os.environ.get("RAY_ADDRESS") or get_settings().ray_address)
 
 
 def run_job(

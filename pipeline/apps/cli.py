@@ -284,6 +284,10 @@ def run_job(kind: str, config: Path, overrides: list[str], verbose: bool) -> Any
     if log is not None:
         console.print(f"[dim]Ray and MLflow log lines go to {log} (--verbose shows them here)[/]", soft_wrap=True)
     with route_output(log) as term, stages.ray_started_here():
+        from pipeline.stack import init_ray
+
+        # The stack's head or RAY_ADDRESS when there is one, else a private Ray on 127.0.0.1.
+        init_ray(_settings.get_settings().ray_address)
         progress, results = term.consoles() if log is not None else (console, out)
         result = run(cfg, progress)
         results.print(result)

@@ -281,13 +281,11 @@ def run_demo(out_dir: Path, quick: bool = False, model_name: str = "stamp-pruner
     from pipeline.data import Catalog
 
     catalog_hash = Catalog.load(get_settings().catalog_url).content_hash()
-    import ray
+    from pipeline.stack import init_ray
 
     with ray_started_here():
-        if not ray.is_initialized():
-            # A private local Ray; set RAY_ADDRESS to run the same stages on a cluster.
-            ray.init(address=get_settings().ray_address or "local", num_cpus=None if get_settings().ray_address else 2,
-                     include_dashboard=False, log_to_driver=True)
+        # A private local Ray on 127.0.0.1; set RAY_ADDRESS to run the same stages on a cluster.
+        init_ray(get_settings().ray_address, num_cpus=2)
         pre = stages.run("pretrain", "pretrain the backbone (Ray Train, 2 workers)",
                          lambda label: _pretrain(preset, console, label), own_line=True)
         meta = stages.run("meta_train", "meta-train the STAMP pruner (Ray Train, 2 workers, episodes from S3)",

@@ -5,9 +5,11 @@
 ``services`` holds one class per service (start, health check, stop by ownership record),
 ``stack`` composes them under one state directory, ``procs`` is the process plumbing (spawn with
 a marker, ownership records, stop by pid, free ports) that both use and the tests reuse.
+``init_ray`` attaches a job to a cluster, or starts a private local Ray bound to 127.0.0.1.
 """
 
 from pipeline.stack import procs
+from pipeline.stack.local_ray import init_ray
 from pipeline.stack.services import (
     DEFAULT_MLFLOW_PORT,
     DEFAULT_RAY_DASHBOARD_PORT,
@@ -38,7 +40,7 @@ from pipeline.stack.stack import (
 )
 
 __all__ = [
-    "procs",
+    "procs", "init_ray",
     "DEFAULT_MLFLOW_PORT", "DEFAULT_RAY_DASHBOARD_PORT", "DEFAULT_RAY_PORT", "DEFAULT_S3_PORT", "LOOPBACK",
     "SEAWEED_GRPC_OFFSET", "MlflowServer", "ModelServer", "Progress", "RayHead", "S3Credentials", "SeaweedFS", "SeaweedPorts",
     "Service", "StackError",

@@ -126,10 +126,10 @@ def scaling_config(cfg: MetaTrainConfig | PretrainConfig) -> Any:
 
 
 def torch_config(cfg: MetaTrainConfig | PretrainConfig) -> Any:
-    """Ray's ``TorchConfig``: NCCL between GPU workers, gloo between CPU workers."""
-    from ray.train.torch import TorchConfig
+    """Ray's ``TorchConfig``: NCCL between GPU workers, gloo between CPU workers (on loopback, on a loopback node)."""
+    from pipeline.training.rendezvous import LoopbackTorchConfig
 
-    return TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    return LoopbackTorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo")
 
 
 def node_local_locations(cfg: MetaTrainConfig | PretrainConfig) -> dict[str, str]:
