@@ -227,6 +227,12 @@ def count_macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int
     MACs are those of conv and linear layers (``k*k*C_in*C_out*H_out*W_out / groups`` and
     ``in*out``), the usual meaning of the figures quoted for CIFAR networks; norms, activations
     and poolings are elementwise and left out.
+
+    Why not ``torch_pruning.utils.count_ops_and_params``: its parameter count is the same and its
+    conv + linear MACs are ours plus the classifier's bias additions, but its total also counts the
+    elementwise layers; the MAC budget of a spec (:meth:`PrunableStructure` group costs) counts
+    exactly the products counted here, so a pruned model's count equals ``spec.macs_pruned``.
+    tests/stamp_core/test_groups.py checks the agreement on every registered backbone.
     """
     if len(input_shape) != 3:
         raise ValueError(f"input_shape={tuple(input_shape)}: expected (C, H, W) of one image")
