@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +55,6 @@ _AUTH_CODES = frozenset(
 )
 _MISSING_BUCKET_CODES = frozenset({"NoSuchBucket"})
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_TRANSIENT_CODES = frozenset(
-    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "500", "502", "503", "504"}
-)
 
 
 class StorageError(RuntimeError):
@@ -260,14 +256,6 @@ def _storage_error(exc: BaseException, url: str, client: Any, action: str) -> St
     return StorageError(f"cannot {action} {url}: {_redact(f'{type(exc).__name__}: {exc}')}")
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (bexc.ConnectionClosedError, bexc.ReadTimeoutError)):
-        return True
-    if isinstance(exc, bexc.ClientError):
-        return _error_code(exc) in _TRANSIENT_CODES
-    return False
-
-
 def _bucket_missing(client: Any, bucket: str) -> bool:
     """HEAD answers a bare 404 for both a missing key and a missing bucket; ask about the bucket."""
     try:
@@ -440,18 +428,18 @@ def upload_file(
     *,
     metadata: dict[str, str] | None = None,
     endpoint_url: str | None = None,
-    attempts: int = 3,
     multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
     max_concurrency: int = 4,
 ) -> None:
-    """Upload a local file to url: multipart above ``multipart_chunksize``, whole-upload retries.
+    """Upload a local file to url: multipart above ``multipart_chunksize``.
 
-    boto3 already retries individual requests (standard mode); on top of that a transient failure
-    of the whole transfer (connection dropped mid-part, 5xx) restarts it up to ``attempts`` times.
-    Local destinations are copied through a temp file and renamed.
+    Retries are botocore's (standard mode, :func:`make_s3_client`): every request, each part of a
+    multipart upload included, is retried on a dropped connection, a timeout or a 5xx/throttle
+    answer, up to ``AWS_MAX_ATTEMPTS`` attempts. Local destinations are copied through a temp file
+    and renamed.
 
     Raises:
-        StorageError: after the last attempt, or at once for a missing bucket / rejected credentials.
+        StorageError: after botocore's last attempt, or at once for a missing bucket / rejected credentials.
     """
     src = Path(path)
     if not is_s3_url(url):
@@ -467,16 +455,10 @@ def upload_file(
         use_threads=max_concurrency > 1,
     )
     extra = {"Metadata": dict(metadata or {})}
-    for attempt in range(1, max(1, attempts) + 1):
-        try:
-            client.upload_file(str(src), bucket, key, ExtraArgs=extra, Config=config)
-            return
-        except Exception as exc:  # noqa: BLE001 - classified below
-            cause = _unwrap_transfer_error(exc)
-            if attempt < attempts and _is_transient(cause):
-                time.sleep(0.5 * 2 ** (attempt - 1))
-                continue
-            _raise_s3(cause, url, client, "upload to")
+    try:
+        client.upload_file(str(src), bucket, key, ExtraArgs=extra, Config=config)
+    except Exception as exc:  # noqa: BLE001 - translated below
+        _raise_s3(_unwrap_transfer_error(exc), url, client, "upload to")
 
 
 def _copy_into(src: Path, fh: BinaryIO) -> None:
