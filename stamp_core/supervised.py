@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import benchmark
 
 from stamp_core.backbones import Backbone
 
@@ -153,17 +154,21 @@ def init_classifier_from_prototypes(model: Backbone, x: torch.Tensor, y: torch.T
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int, repeats: int = 10, warmup: int = 3) -> float:
-    """Median seconds of one forward pass of ``batch_size`` images (eval mode, current threads)."""
+    """Median seconds of one forward pass of ``batch_size`` images (eval mode, current threads).
+
+    Timed by ``torch.utils.benchmark.Timer`` (it pins the thread count and synchronises CUDA), one
+    pass per measurement so that the median is over ``repeats`` single passes.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: expected repeats >= 1 and warmup >= 0")
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, *input_shape)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    model.train(was_training)
-    times.sort()
-    return times[len(times) // 2]
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    try:
+        for _ in range(warmup):
+            model(x)
+        runs = benchmark.Measurement.merge([timer.timeit(number=1) for _ in range(repeats)])
+    finally:
+        model.train(was_training)
+    return float(runs[0].median)

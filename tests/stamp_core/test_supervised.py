@@ -1,13 +1,15 @@
 """train_classifier: the learning-rate schedule does what its settings say, on any amount of data."""
 
 import copy
+import time
 
 import pytest
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from stamp_core import TrainConfig, build_backbone, train_classifier
+from stamp_core import TrainConfig, build_backbone, measure_latency, train_classifier
 
 
 def test_a_one_step_fine_tune_takes_its_step_at_the_configured_rate() -> None:
@@ -66,3 +68,26 @@ def test_random_crop_flip_crops_each_image_at_its_own_offset_and_flips_some() ->
     again = random_crop_flip(x, 2, True, torch.Generator().manual_seed(0), fill=-1.0)
     assert torch.equal(out, again)
     assert torch.equal(random_crop_flip(x, 0, False, torch.Generator().manual_seed(0)), x)
+
+
+class _Sleeper(nn.Module):
+    """A forward pass of a known duration."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_measure_latency_is_the_median_of_single_passes_and_keeps_the_mode() -> None:
+    model = _Sleeper(0.02).train()
+    seconds = measure_latency(model, (1, 4, 4), batch_size=2, repeats=5, warmup=1)
+    assert 0.02 <= seconds < 0.1
+    assert model.training and model.calls >= 1 + 5
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure_latency(model, (1, 4, 4), batch_size=2, repeats=0)
