@@ -120,9 +120,9 @@ def stack_cluster(
     The head and each worker node are separate `ray start` processes with the stack's S3 and
     MLflow settings; on Ctrl-C exactly those processes are stopped. Submit with the printed command.
     """
-    from pipeline.stack.cluster import main as _cluster
+    from pipeline.stack.cluster import run_cluster
 
-    raise typer.Exit(_cluster(["--nodes", str(nodes), "--cpus-per-node", str(cpus_per_node)]))
+    run_cluster(nodes, cpus_per_node)
 
 
 @stack_app.command("down")

@@ -234,7 +234,7 @@ class LocalCluster:
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m pipeline.stack.cluster`: a multi-node cluster next to a running embedded stack
+# `stamp stack cluster` / `python -m pipeline.stack.cluster`: a multi-node cluster next to a running embedded stack
 
 
 def stack_job_env(state_dir: Path) -> dict[str, str]:
@@ -257,24 +257,21 @@ def stack_job_env(state_dir: Path) -> dict[str, str]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Start a head plus worker nodes wired to the running stack; stop them all on Ctrl-C / SIGTERM."""
-    import argparse
+def run_cluster(nodes: int = 2, cpus_per_node: int = 1) -> None:
+    """Start a Ray head plus ``nodes - 1`` worker nodes on 127.0.0.1 wired to the running stack's S3 and
+    MLflow; print how to submit to it; stop exactly its processes on Ctrl-C / SIGTERM.
 
+    Args:
+        nodes: Ray nodes in all, head included.
+        cpus_per_node: logical CPUs each node offers.
+    """
     from pipeline.settings import state_dir_from_env
 
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.stack.cluster",
-        description="A Ray head plus N worker nodes on 127.0.0.1 (separate `ray start` processes) that reach "
-                    "the embedded stack's S3 and MLflow; runs until interrupted, then stops exactly its processes.")
-    parser.add_argument("--nodes", type=int, default=2, help="nodes in all, head included (default 2)")
-    parser.add_argument("--cpus-per-node", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.nodes < 1:
-        parser.error("--nodes must be >= 1")
+    if nodes < 1 or cpus_per_node < 1:
+        raise StackError(f"nodes={nodes}, cpus_per_node={cpus_per_node}: both must be >= 1")
     state_dir = state_dir_from_env()
-    cluster = LocalCluster(ClusterSpec(root=state_dir / "cluster", workers=args.nodes - 1,
-                                       cpus_per_node=args.cpus_per_node, job_env=stack_job_env(state_dir)))
+    cluster = LocalCluster(ClusterSpec(root=state_dir / "cluster", workers=nodes - 1,
+                                       cpus_per_node=cpus_per_node, job_env=stack_job_env(state_dir)))
     stop = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -291,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
               "scaling.placement_strategy=STRICT_SPREAD\nCtrl-C stops the cluster.", flush=True)
         while not stop:
             time.sleep(0.5)
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import typer
+
+    # `python -m pipeline.stack.cluster --nodes N --cpus-per-node C`, the same as `stamp stack cluster`.
+    typer.run(run_cluster)

@@ -5,12 +5,14 @@ The nodes themselves run in tests/e2e/test_two_nodes.py (the ``two_node_cluster`
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.stack import RayHead, StackError
-from pipeline.stack.cluster import ClusterSpec, LocalCluster, node_resource, stack_job_env
+from pipeline.stack.cluster import ClusterSpec, LocalCluster, node_resource, run_cluster, stack_job_env
 from pipeline.stack.procs import MARKER_ENV
 from pipeline.stack.services import NodeShape, RayWorkerNode
 
@@ -66,3 +68,17 @@ def test_the_cluster_script_needs_a_running_stack(tmp_path: Path, monkeypatch: p
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(StackError, match="no running stack in .*run `stamp stack up`"):
         stack_job_env(tmp_path / "no-stack")
+
+
+def test_the_cluster_module_takes_the_options_of_stamp_stack_cluster() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.stack.cluster", "--help"], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TERM": "dumb"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--nodes" in proc.stdout and "--cpus-per-node" in proc.stdout
+
+
+def test_a_cluster_without_nodes_is_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAMP_HOME", str(tmp_path))
+    with pytest.raises(StackError, match="nodes=0, cpus_per_node=1: both must be >= 1"):
+        run_cluster(nodes=0)
+    assert not (tmp_path / "cluster").exists()
