@@ -6,6 +6,7 @@ module move supports) plus a scan that no code picks CUDA behind the caller's ba
 
 import ast
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,15 @@ def test_precision_is_validated() -> None:
         MetaConfig(precision="fp16")
 
 
-def _cuda_choices(path: Path) -> list[str]:
-    """``.cuda(...)`` calls and ``"cuda"`` literals used as a device, with their line."""
+def _cuda_choices(path: Path, root: Path = REPO) -> list[str]:
+    """``.cuda(...)`` calls and ``"cuda"`` literals used as a device, with their line (path relative to ``root``)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "cuda":
-            found.append(f"{path.relative_to(REPO)}:{node.lineno} .cuda()")
+            found.append(f"{path.relative_to(root)}:{node.lineno} .cuda()")
         if isinstance(node, ast.Call) and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
                                               and a.value.startswith("cuda") for a in node.args):
-            found.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)[:60]}")
+            found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)[:60]}")
     return found
 
 
@@ -88,12 +89,13 @@ def test_no_code_moves_to_cuda_behind_the_callers_back() -> None:
 
 
 def test_the_scan_finds_a_hidden_cuda_call(tmp_path: Path) -> None:
-    bad = REPO / "stamp_core" / "__scan_probe__.py"  # must live under REPO for relative_to
-    try:
-        bad.write_text("import torch\nx = torch.zeros(1).cuda()\ny = torch.zeros(1).to('cuda:0')\n")
-        assert len(_cuda_choices(bad)) == 2
-    finally:
-        bad.unlink()
+    """On a temporary copy of stamp_core with one module that moves tensors to CUDA: the repository stays untouched."""
+    copy_root = tmp_path / "repo"
+    shutil.copytree(REPO / "stamp_core", copy_root / "stamp_core", ignore=shutil.ignore_patterns("__pycache__"))
+    bad = copy_root / "stamp_core" / "probe.py"
+    bad.write_text("import torch\nx = torch.zeros(1).cuda()\ny = torch.zeros(1).to('cuda:0')\n")
+    hits = [hit for f in sorted((copy_root / "stamp_core").rglob("*.py")) for hit in _cuda_choices(f, copy_root)]
+    assert hits == ["stamp_core/probe.py:2 .cuda()", "stamp_core/probe.py:3 torch.zeros(1).to('cuda:0')"]
 
 
 def test_meta_step_leaves_the_cost_model_where_the_gates_are() -> None:
