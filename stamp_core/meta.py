@@ -48,6 +48,7 @@ class Episode:
                        self.query_y.to(device), self.num_classes, self.macs_ratio, self.dataset, self.classes)
 
 
+BUDGET_PENALTIES = ("two_sided", "upper")
 OBJECTIVES = ("relaxed", "deployed")
 DEPLOYED_GRADIENTS = ("plain", "budget_neutral", "layer_es")
 PRECISIONS = ("fp32", "bf16")
@@ -94,7 +95,7 @@ class MetaConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.budget_penalty not in ("two_sided", "upper"):
+        if self.budget_penalty not in BUDGET_PENALTIES:
             raise ValueError(f"budget_penalty={self.budget_penalty!r}: expected 'two_sided' or 'upper'")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}")

@@ -1,0 +1,57 @@
+"""The method sections are stamp_core's dataclasses plus bounds: nothing is declared twice, drift is an error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import ConfigError, MetaTrainConfig, OptimSection, PrunerSection, load_config, section_from_dataclass
+from stamp_core import MetaConfig, PrunerConfig
+from stamp_core.meta import OBJECTIVES
+
+OPTIMISER_KEYS = {"lr", "backbone_lr", "weight_decay", "grad_clip"}
+SET_BY_THE_JOB = {"backbone", "image_size", "support_per_class", "max_support", "version", "metadata"}
+
+
+def _defaults(dc: type) -> dict[str, object]:
+    return {f.name: f.default for f in dataclasses.fields(dc) if f.default is not dataclasses.MISSING}
+
+
+def test_optim_section_is_meta_config_plus_the_optimiser() -> None:
+    meta = {f.name for f in dataclasses.fields(MetaConfig)}
+    assert set(OptimSection.model_fields) == meta | OPTIMISER_KEYS
+    section = OptimSection()
+    assert {k: getattr(section, k) for k in meta} == _defaults(MetaConfig)
+    assert section.meta_config() == MetaConfig()
+    tuned = OptimSection(objective="deployed", deployed_gradient="layer_es", es_pairs=2)
+    assert tuned.meta_config() == MetaConfig(objective="deployed", deployed_gradient="layer_es", es_pairs=2)
+
+
+def test_pruner_section_is_pruner_config_less_what_the_job_sets() -> None:
+    fields = {f.name for f in dataclasses.fields(PrunerConfig)}
+    assert set(PrunerSection.model_fields) == fields - SET_BY_THE_JOB
+    defaults = _defaults(PrunerConfig)
+    assert PrunerSection().model_dump() == {k: defaults[k] for k in PrunerSection.model_fields}
+
+
+def test_variant_names_and_bounds_are_enforced_with_the_key_named(tmp_path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("kind: meta_train\nbackbone: small_cnn\n")
+    with pytest.raises(ConfigError, match="optim.objective: Input should be 'relaxed' or 'deployed'"):
+        load_config(cfg, ["optim.objective=hard"])
+    with pytest.raises(ConfigError, match="optim.es_pairs: Input should be less than or equal to 64"):
+        load_config(cfg, ["optim.es_pairs=65"])
+    with pytest.raises(ConfigError, match="pruner.embed_dim: 30 must be a multiple of num_heads \\(4\\)"):
+        load_config(cfg, ["pruner.embed_dim=30"])
+    assert load_config(cfg, ["optim.objective=deployed"], MetaTrainConfig).optim.objective == OBJECTIVES[1]
+
+
+def test_a_section_naming_a_field_the_dataclass_lacks_is_refused() -> None:
+    """When stamp_core renames a field, building the section fails at import instead of drifting."""
+    with pytest.raises(TypeError, match=r"OptimSection: \['kl_wieght'\] are not fields of MetaConfig"):
+        section_from_dataclass("OptimSection", MetaConfig, "x", bounds={"kl_wieght": {"ge": 0}})
+    built = section_from_dataclass("S", MetaConfig, "doc", bounds={"kl_weight": {"ge": 0}}, exclude=("precision",))
+    assert "precision" not in built.model_fields and built.__doc__ == "doc"
+    with pytest.raises(ValueError, match="kl_weight"):
+        built(kl_weight=-1.0)
