@@ -83,7 +83,7 @@ def test_override_keeps_sibling_defaults(tmp_path: Path) -> None:
         ("checkpoint_every=15", "checkpoint_every: 15 must be a multiple of report_every"),
         ("data.sources=[]", "data.sources: sources is empty"),
         ("data.max_open_streams=0", "data.max_open_streams: Input should be greater than or equal to 1"),
-        ("data.sources=../etc", "data.sources: dataset name '../etc' is invalid"),
+        ("data.sources=../etc", "data.sources: dataset name or pattern '../etc' is invalid"),
         ("storage_path=gs://bucket/x", "storage_path: storage_path scheme 'gs' is not supported"),
         ("mlflow.tracking_uri=http://user:pw@host:5000", "mlflow.tracking_uri: the URI embeds a password"),
         ("run_name=a/b", "run_name: run_name 'a/b' is invalid"),
