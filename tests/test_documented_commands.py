@@ -2,7 +2,7 @@
 
 A command is ``python jobs/<job>.py --config PATH [k=v ...]`` or ``stamp <verb> --config PATH [k=v ...]``
 written in a comment of ``jobs/configs/**/*.yaml`` (the headers say how each config is run) or in
-``README.md`` (fenced code blocks and inline code spans), also after a prefix such as
+``README.md`` and ``docs/**/*.md`` (fenced code blocks and inline code spans), also after a prefix such as
 ``ray job submit --working-dir . --``. Continuation lines (``\\``) are joined; a shell operator
 (``>``, ``&&``, ``|``, ``;``, ``&``) ends the command. Each one is loaded with
 :func:`pipeline.config.load_config` and the config class of the job it names, so a command that
@@ -127,7 +127,7 @@ def check_command(command: Command, root: Path = ROOT) -> str | None:
 
 
 def documented_files(root: Path = ROOT) -> list[Path]:
-    return sorted((root / "jobs" / "configs").rglob("*.yaml")) + [root / "README.md"]
+    return sorted((root / "jobs" / "configs").rglob("*.yaml")) + [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
 
 
 COMMANDS = find_commands(documented_files())
@@ -136,7 +136,7 @@ COMMANDS = find_commands(documented_files())
 def test_the_documentation_has_commands_to_check() -> None:
     """A checker that finds nothing passes everything: make sure the known commands are found."""
     sources = {c.source.name for c in COMMANDS}
-    assert {"README.md", "meta_train_suite64.yaml", "benchmark_real.yaml", "pretrain_mnist_fmnist.yaml"} <= sources
+    assert {"README.md", "cluster.md", "meta_train_suite64.yaml", "benchmark_real.yaml", "pretrain_mnist_fmnist.yaml"} <= sources
     assert any("optim.deployed_gradient=layer_es" in c.text for c in COMMANDS)  # a command spread over 3 lines
     assert any(c.text.startswith("python jobs/meta_train.py") and "scaling.num_workers=8" in c.text for c in COMMANDS)
     assert len(COMMANDS) >= 20
