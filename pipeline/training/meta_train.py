@@ -72,7 +72,7 @@ from pipeline.training.driver import (
 )
 from pipeline.training.tracking import Tracker, start_mlflow_run
 from pipeline.training.validation import ValTask, build_val_tasks, log_run_plots, meta_validate
-from stamp_core import MetaConfig, PruneSpec, StampPruner, build_backbone, make_optimizer, meta_train_step
+from stamp_core import PruneSpec, StampPruner, build_backbone, make_optimizer, meta_train_step
 from stamp_core import __version__ as stamp_version
 from stamp_core.pruner import load_weights
 
@@ -132,19 +132,202 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     ``cfg.data.sources`` must already be a list (the driver resolves ``"all"``).
     Returns the last reported metrics (plus ``checkpoint`` naming the final checkpoint directory).
     """
-    worker_start = time.perf_counter()
-    device = ctx.device
-    set_threads(cfg.scaling.cpus_per_worker, device)
-    config_hash = cfg.meta_config_hash()
+    return MetaTrainRecipe(cfg, ctx, setup, on_step).train()
 
-    # ---- restore or build
+
+@dataclass
+class _Interval:
+    """What this rank's steps since the last report add up to."""
+
+    sums: dict[str, float] = field(default_factory=dict)  #: per loss part, summed over steps
+    wait_s: float = 0.0  #: waiting for episodes
+    step_s: float = 0.0  #: whole steps, the wait included
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, parts: dict[str, Any], wait_s: float, step_s: float) -> None:
+        self.wait_s += wait_s
+        self.step_s += step_s
+        self.steps += 1
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+
+class MetaTrainRecipe:
+    """One worker's meta-training, in the order it happens.
+
+    ``__init__`` is the setup (restore or build the pruner, optimizer, episode stream, tracker);
+    :meth:`train` is the loop: :meth:`train_step` per step and, every ``report_every`` steps,
+    :meth:`report`, which averages the interval's metrics over ranks (:meth:`interval_metrics`),
+    then on rank 0 meta-validates (:meth:`validate`) and writes the checkpoint (:meth:`checkpoint`),
+    and hands both to ``ctx.report`` on every rank (a barrier).
+    """
+
+    def __init__(self, cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSetup,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.worker_start = time.perf_counter()
+        self.cfg, self.ctx, self.setup, self.on_step = cfg, ctx, setup, on_step
+        self.device = ctx.device
+        set_threads(cfg.scaling.cpus_per_worker, self.device)
+        self.config_hash = cfg.meta_config_hash()
+        self.pruner, state, opt_state = _restore_or_build(cfg, ctx, self.config_hash)
+        self.optimizer = _optimizer(self.pruner, cfg, opt_state)
+        if is_distributed(ctx):
+            broadcast_state(self.pruner)
+        self.start_step = int(state["step"]) if state else 0
+        # A resumed run draws fresh data (a different seed), not a replay of the episodes before the crash.
+        self.data_seed = cfg.seed if self.start_step == 0 else int(cfg.seed) * 1_000_003 + self.start_step
+        self.mlflow_run_id = setup.mlflow_run_id or (state or {}).get("mlflow_run_id")
+        self.meta_cfg = cfg.optim.meta_config()
+        # The hook all-reduces, then clips with the configured norm (meta_train_step's own 5.0 clip
+        # comes after it and is a no-op for grad_clip <= 5, which the config enforces).
+        self.grad_hook = _make_grad_hook(ctx, cfg.optim.grad_clip)
+        self.sampler, self.episodes = _episode_stream_for(cfg, ctx, setup, self.start_step, self.data_seed)
+        self.counts = EpisodeCounts(self.sampler.entries)  # this attempt's episodes, summed over ranks when reported
+        self.tracker = Tracker(setup.tracking_uri, self.mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
+        self.val_tasks: list[ValTask] | None = None
+        self.last: dict[str, Any] = {}
+        self.interval = _Interval()
+        self.loop_start = self.interval.start
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def train(self) -> dict[str, Any]:
+        """Steps from the restored one to ``cfg.steps``; returns the last reported metrics."""
+        cfg, step = self.cfg, self.start_step
+        self.loop_start = self.interval.start = time.perf_counter()
+        if step >= cfg.steps:
+            # Nothing left to do (a re-run of a finished run): one report keeps every rank in step.
+            _report_done(self.ctx, step, self.start_step)
+            return {"step": step, "start_step": self.start_step, "already_done": True}
+        if step == 0 and self.ctx.rank == 0 and cfg.validation.enabled and cfg.validation.at_start:
+            # The step-0 point of every validation curve: what the pruner does before meta-training
+            # (for an L1-start channel generator, L1's mask up to the classifier columns torch-pruning counts
+            # in the last group: the reference scores the task's prototype head, as the benchmark does).
+            self.tracker.log(meta_validate(self.pruner, self._val_tasks(), cfg), 0)
+        episodes = Prefetcher(self.episodes, cfg.data.prefetch) if cfg.data.prefetch > 0 else self.episodes
+        try:
+            while step < cfg.steps:
+                step = self.train_step(step, episodes)
+                if step % cfg.report_every == 0 or step == cfg.steps:
+                    self.report(step, final=step == cfg.steps)
+        finally:
+            if isinstance(episodes, Prefetcher):
+                episodes.close()
+        return self.last
+
+    def train_step(self, step: int, episodes: Iterator[Any]) -> int:
+        """One optimiser step on ``episodes.per_step`` episodes; returns the new step number."""
+        t0 = time.perf_counter()
+        batch = [next(episodes).to(self.device) for _ in range(self.cfg.episodes.per_step)]
+        t1 = time.perf_counter()
+        self.counts.add(batch)
+        parts = meta_train_step(self.pruner, batch, self.optimizer, self.meta_cfg, grad_hook=self.grad_hook)
+        step += 1
+        self.interval.add(parts, t1 - t0, time.perf_counter() - t0)
+        if self.on_step is not None:
+            self.on_step(step, parts)
+        _inject_fault(self.cfg, self.ctx, step)
+        return step
+
+    def report(self, step: int, final: bool) -> None:
+        """Every rank: the interval's metrics; rank 0: validation, checkpoint, MLflow; then ``ctx.report``."""
+        cfg = self.cfg
+        metrics = self.interval_metrics(step)
+        val_due = cfg.validation.enabled and (final or bool(cfg.validation.every and step % cfg.validation.every == 0))
+        ckpt_due = final or step % cfg.checkpoint_every == 0
+        with tempfile.TemporaryDirectory(prefix="stamp-ckpt-", ignore_cleanup_errors=True) as tmp:
+            ckpt_dir = None
+            if self.ctx.rank == 0:
+                final_specs: list[PruneSpec] = []
+                if val_due:
+                    metrics.update(self.validate(final_specs))
+                if ckpt_due:
+                    ckpt_dir = self.checkpoint(step, Path(tmp) / "ckpt")
+                self._log(metrics, step, final, val_due, final_specs)
+            name = f"{CHECKPOINT_PREFIX}{step:08d}"
+            self.ctx.report(metrics, ckpt_dir, name)
+        self.last = dict(metrics)
+        if ckpt_dir is not None:
+            self.last["checkpoint"] = name
+        self.interval = _Interval()
+
+    # ---------------------------------------------------------------------- what a report holds
+
+    def interval_metrics(self, step: int) -> dict[str, Any]:
+        """The interval's losses and throughput, averaged (or summed, or maxed) over ranks: a collective."""
+        iv, sampler, now = self.interval, self.sampler, time.perf_counter()
+        local = {k: v / max(iv.steps, 1) for k, v in iv.sums.items()}
+        skipped = sum(v for k, v in sampler.stats.items() if k.startswith("skipped_"))
+        local.update({"_wait_s": iv.wait_s, "_step_s": iv.step_s, "_steps": float(iv.steps), "_wall": now - iv.start,
+                      "skipped_samples": float(skipped),
+                      "peak_rss_mb": peak_rss_mb(), "worker_elapsed_s": now - self.worker_start,
+                      "loop_elapsed_s": now - self.loop_start, "open_streams_peak": sampler.stats["open_streams_peak"],
+                      "s3_gets": sampler.stats["gets"], **self.counts.metrics()})
+        agg = mean_over_ranks(local, self.ctx, self.device,
+                              sums=("_wait_s", "_step_s", "_steps", "skipped_samples", "s3_gets", *self.counts.metrics()),
+                              maxes=("peak_rss_mb", "_wall", "worker_elapsed_s", "loop_elapsed_s", "open_streams_peak"))
+        steps_per_epoch = self.cfg.episodes.steps_per_epoch
+        metrics: dict[str, Any] = {k: v for k, v in agg.items() if not k.startswith("_")}
+        metrics.update({
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "start_step": self.start_step,
+            "world_size": self.ctx.world_size,
+            "episodes_per_s": agg["_steps"] * self.cfg.episodes.per_step / agg["_wall"] if agg["_wall"] > 0 else 0.0,
+            "data_wait_fraction": agg["_wait_s"] / agg["_step_s"] if agg["_step_s"] > 0 else 0.0,
+            "step_time_s": agg["_step_s"] / max(agg["_steps"], 1.0),
+        })
+        if "expected_macs_ratio" in metrics:
+            metrics["macs_gap"] = metrics["expected_macs_ratio"] - metrics["target_macs_ratio"]
+        return metrics
+
+    def validate(self, final_specs: list[PruneSpec]) -> dict[str, float]:
+        """Rank 0: meta-validation on held-out source tasks (built once, on first use)."""
+        return meta_validate(self.pruner, self._val_tasks(), self.cfg, final_specs)
+
+    def checkpoint(self, step: int, dest: Path) -> Path:
+        """Rank 0: the pruner, the optimizer and where the run stands, as one loadable directory."""
+        steps_per_epoch = self.cfg.episodes.steps_per_epoch
+        return write_meta_checkpoint(dest, self.pruner, self.optimizer, {
+            "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+            "data_seed": self.data_seed, "start_step": self.start_step, "world_size": self.ctx.world_size,
+            "config_hash": self.config_hash, "mlflow_run_id": self.mlflow_run_id, "run_name": self.cfg.run_name,
+            "time": time.time(), "stamp_version": stamp_version,
+        })
+
+    def _log(self, metrics: dict[str, Any], step: int, final: bool, val_due: bool, final_specs: list[PruneSpec]) -> None:
+        """Rank 0: metrics to MLflow; at the end also the episode counts and the validation plots."""
+        self.tracker.log(metrics, step)
+        if final:
+            self.tracker.log_figures(lambda client, run_id: client.log_dict(
+                run_id, EpisodeCounts.from_metrics(metrics), "episode_counts.json"),
+                "MLflow episode counts not logged (training result kept)")
+        if final and val_due:
+            at_budget = (metrics["val_macs_ratio"], metrics["val_accuracy"], final_specs)
+            self.tracker.log_figures(lambda client, run_id: log_run_plots(
+                client, run_id, self.pruner, self.val_tasks, self.cfg, at_budget))
+        _print_progress(self.ctx, self.cfg, metrics)
+
+    def _val_tasks(self) -> list[ValTask]:
+        if self.val_tasks is None:
+            self.val_tasks = build_val_tasks(self.cfg, self.setup)
+        return self.val_tasks
+
+
+# ------------------------------------------------------------------------------- setup pieces
+
+
+def _restore_or_build(cfg: MetaTrainConfig, ctx: WorkerContext,
+                      config_hash: str) -> tuple[StampPruner, dict[str, Any] | None, dict[str, Any] | None]:
+    """(pruner on the device in train mode, saved state, optimizer state) from the run's checkpoint, else fresh."""
     state: dict[str, Any] | None = None
     opt_state: dict[str, Any] | None = None
     with ctx.checkpoint_dir() as ckpt:
         if ckpt is not None:
             pruner = StampPruner.load(ckpt)
             state = json.loads((ckpt / STATE_FILE).read_text())
-            opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
+            opt_state = load_weights(ckpt / OPTIMIZER_FILE, ctx.device)
         else:
             torch.manual_seed(cfg.seed)  # same init on every rank (rank 0's is broadcast anyway)
             pruner = build_pruner(cfg)
@@ -156,32 +339,25 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
     if state is not None and state.get("config_hash") != config_hash and ctx.rank == 0:
         log.warning("run %s resumes with a changed configuration (hash %s -> %s)",
                     cfg.run_name, state.get("config_hash", "?")[:12], config_hash[:12])
-    pruner.to(device)  # stamp_core moves the MACs cost model along
+    pruner.to(ctx.device)  # stamp_core moves the MACs cost model along
     pruner.train()
+    return pruner, state, opt_state
+
+
+def _optimizer(pruner: StampPruner, cfg: MetaTrainConfig, opt_state: dict[str, Any] | None) -> torch.optim.Optimizer:
     o = cfg.optim
     optimizer = make_optimizer(pruner, lr=o.lr, backbone_lr=o.backbone_lr, weight_decay=o.weight_decay)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
         for group, lr in zip(optimizer.param_groups, (o.lr, o.backbone_lr)):
             group["lr"] = lr  # the config wins over the saved rates (no schedule to restore)
-    if is_distributed(ctx):
-        broadcast_state(pruner)
+    return optimizer
 
-    start_step = int(state["step"]) if state else 0
-    steps_per_epoch = cfg.episodes.steps_per_epoch
-    per_step = cfg.episodes.per_step
-    # A resumed run draws fresh data (a different seed), not a replay of the episodes before the crash.
-    data_seed = cfg.seed if start_step == 0 else int(cfg.seed) * 1_000_003 + start_step
-    mlflow_run_id = setup.mlflow_run_id or (state or {}).get("mlflow_run_id")
-    meta_cfg = MetaConfig(kl_weight=o.kl_weight, macs_weight=o.macs_weight, head_scale=o.head_scale,
-                          inner_steps=o.inner_steps, inner_lr=o.inner_lr, label_free_prob=o.label_free_prob,
-                          budget_penalty=o.budget_penalty, objective=o.objective, precision=o.precision,
-                          deployed_macs_penalty=o.deployed_macs_penalty, deployed_gradient=o.deployed_gradient,
-                          es_pairs=o.es_pairs, es_sigma=o.es_sigma)
-    # The hook all-reduces, then clips with the configured norm (meta_train_step's own 5.0 clip
-    # comes after it and is a no-op for grad_clip <= 5, which the config enforces).
-    grad_hook = _make_grad_hook(ctx, o.grad_clip)
 
+def _episode_stream_for(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSetup, start_step: int,
+                        data_seed: int) -> tuple[EpisodeSampler, Iterator[Any]]:
+    """This rank's episode sampler and the episodes from ``start_step`` on (mid-epoch on a resume)."""
+    steps_per_epoch, per_step = cfg.episodes.steps_per_epoch, cfg.episodes.per_step
     sampler = EpisodeSampler(
         setup.catalog_url,
         datasets=list(cfg.data.sources),
@@ -203,123 +379,15 @@ def meta_train_worker(cfg: MetaTrainConfig, ctx: WorkerContext, setup: WorkerSet
         endpoint_url=setup.s3_endpoint,
         max_open_streams=cfg.data.max_open_streams,
     )
-    counts = EpisodeCounts(sampler.entries)  # this attempt's episodes, summed over ranks when reported
     sampler.set_epoch(start_step // steps_per_epoch)
     source: Any = sampler
     if cfg.data.loader_workers > 0:
         # Episodes are assembled in separate processes; persistent so their stream buffers survive epochs.
         source = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=cfg.data.loader_workers,
                                              persistent_workers=True, prefetch_factor=2,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=ctx.device.type == "cuda")
     in_epoch = start_step % steps_per_epoch
-    episodes: Iterator[Any] = _episode_stream(source, (steps_per_epoch - in_epoch) * per_step if in_epoch else None)
-
-    tracker = Tracker(setup.tracking_uri, mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
-    val_tasks: list[ValTask] | None = None
-    last: dict[str, Any] = {}
-    sums: dict[str, float] = {}
-    wait_s = step_s = 0.0
-    n_steps = 0
-    interval_start = time.perf_counter()
-
-    def report(step: int, final: bool) -> None:
-        nonlocal sums, wait_s, step_s, n_steps, interval_start, val_tasks, last
-        wall = time.perf_counter() - interval_start
-        local = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        now = time.perf_counter()
-        skipped = sum(v for k, v in sampler.stats.items() if k.startswith("skipped_"))
-        local.update({"_wait_s": wait_s, "_step_s": step_s, "_steps": float(n_steps), "_wall": wall,
-                      "skipped_samples": float(skipped),
-                      "peak_rss_mb": peak_rss_mb(), "worker_elapsed_s": now - worker_start,
-                      "loop_elapsed_s": now - loop_start, "open_streams_peak": sampler.stats["open_streams_peak"],
-                      "s3_gets": sampler.stats["gets"], **counts.metrics()})
-        agg = mean_over_ranks(local, ctx, device, sums=("_wait_s", "_step_s", "_steps", "skipped_samples",
-                                                        "s3_gets", *counts.metrics()),
-                               maxes=("peak_rss_mb", "_wall", "worker_elapsed_s", "loop_elapsed_s",
-                                      "open_streams_peak"))
-        metrics: dict[str, Any] = {k: v for k, v in agg.items() if not k.startswith("_")}
-        metrics.update({
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            "start_step": start_step,
-            "world_size": ctx.world_size,
-            "episodes_per_s": agg["_steps"] * per_step / agg["_wall"] if agg["_wall"] > 0 else 0.0,
-            "data_wait_fraction": agg["_wait_s"] / agg["_step_s"] if agg["_step_s"] > 0 else 0.0,
-            "step_time_s": agg["_step_s"] / max(agg["_steps"], 1.0),
-        })
-        if "expected_macs_ratio" in metrics:
-            metrics["macs_gap"] = metrics["expected_macs_ratio"] - metrics["target_macs_ratio"]
-        val_due = cfg.validation.enabled and (final or (cfg.validation.every and step % cfg.validation.every == 0))
-        ckpt_due = final or step % cfg.checkpoint_every == 0
-        with tempfile.TemporaryDirectory(prefix="stamp-ckpt-", ignore_cleanup_errors=True) as tmp:
-            ckpt_dir = None
-            if ctx.rank == 0:
-                final_specs: list[PruneSpec] = []
-                if val_due:
-                    if val_tasks is None:
-                        val_tasks = build_val_tasks(cfg, setup)
-                    metrics.update(meta_validate(pruner, val_tasks, cfg, final_specs))
-                if ckpt_due:
-                    ckpt_dir = write_meta_checkpoint(Path(tmp) / "ckpt", pruner, optimizer, {
-                        "step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                        "data_seed": data_seed, "start_step": start_step, "world_size": ctx.world_size,
-                        "config_hash": config_hash, "mlflow_run_id": mlflow_run_id, "run_name": cfg.run_name,
-                        "time": time.time(), "stamp_version": stamp_version,
-                    })
-                tracker.log(metrics, step)
-                if final:
-                    tracker.log_figures(lambda client, run_id: client.log_dict(
-                        run_id, EpisodeCounts.from_metrics(metrics), "episode_counts.json"),
-                        "MLflow episode counts not logged (training result kept)")
-                if final and val_due:
-                    at_budget = (metrics["val_macs_ratio"], metrics["val_accuracy"], final_specs)
-                    tracker.log_figures(lambda client, run_id: log_run_plots(
-                        client, run_id, pruner, val_tasks, cfg, at_budget))
-                _print_progress(ctx, cfg, metrics)
-            name = f"{CHECKPOINT_PREFIX}{step:08d}"
-            ctx.report(metrics, ckpt_dir, name)
-        last = dict(metrics)
-        if ckpt_dir is not None:
-            last["checkpoint"] = name
-        sums, wait_s, step_s, n_steps = {}, 0.0, 0.0, 0
-        interval_start = time.perf_counter()
-
-    step = start_step
-    loop_start = interval_start = time.perf_counter()
-    if step >= cfg.steps:
-        # Nothing left to do (a re-run of a finished run): one report keeps every rank in step.
-        _report_done(ctx, step, start_step)
-        return {"step": step, "start_step": start_step, "already_done": True}
-    if step == 0 and ctx.rank == 0 and cfg.validation.enabled and cfg.validation.at_start:
-        # The step-0 point of every validation curve: what the pruner does before meta-training
-        # (for an L1-start channel generator, L1's mask up to the classifier columns torch-pruning counts
-        # in the last group: the reference scores the task's prototype head, as the benchmark does).
-        val_tasks = build_val_tasks(cfg, setup)
-        tracker.log(meta_validate(pruner, val_tasks, cfg), 0)
-    if cfg.data.prefetch > 0:
-        episodes = Prefetcher(episodes, cfg.data.prefetch)
-    try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            batch = [next(episodes).to(device) for _ in range(per_step)]
-            t1 = time.perf_counter()
-            counts.add(batch)
-            parts = meta_train_step(pruner, batch, optimizer, meta_cfg, grad_hook=grad_hook)
-            step += 1
-            wait_s += t1 - t0
-            step_s += time.perf_counter() - t0
-            n_steps += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if on_step is not None:
-                on_step(step, parts)
-            _inject_fault(cfg, ctx, step)
-            if step % cfg.report_every == 0 or step == cfg.steps:
-                report(step, final=step == cfg.steps)
-    finally:
-        if isinstance(episodes, Prefetcher):
-            episodes.close()
-    return last
+    return sampler, _episode_stream(source, (steps_per_epoch - in_epoch) * per_step if in_epoch else None)
 
 
 def _report_done(ctx: WorkerContext, step: int, start_step: int) -> None:
