@@ -455,6 +455,28 @@ def _latencies(full: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, 
 # ----------------------------------------------------------------------------- main
 
 
+@dataclass
+class _Task:
+    """The target data as the pruner reads it: tensors at the pruner's input size."""
+
+    ds: ArrayDataset
+    input_shape: tuple[int, int, int]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+
+
+@dataclass
+class _Pruned:
+    """What pruning (and fine-tuning) produced, with the seconds the set embedding took."""
+
+    result: Any  #: stamp_core.PruneResult of the pruned net
+    full_result: Any | None  #: the same fine-tune of the unpruned net (compare_full)
+    embed_seconds: float
+    sample_size: int
+
+
 def prune_dataset(
     model_uri_or_pruner: StampPruner | str | os.PathLike[str],
     data: ArrayDataset | str,
@@ -510,92 +532,20 @@ def prune_dataset(
         pruner, pruner_source, pruner_version = locate_pruner(model_uri_or_pruner)
         pruner.eval()
         say("load data")
-        ds = resolve_data(data)
-        size, channels = pruner.config.image_size, pruner.backbone.in_channels
-        input_shape = (channels, size, size)
-        x_train = prepare_images(ds.x_train, size, channels)
-        y_train = torch.from_numpy(ds.y_train)
-        has_test = len(ds.x_test) > 0
-        x_test = prepare_images(ds.x_test, size, channels) if has_test else None
-        y_test = torch.from_numpy(ds.y_test) if has_test else None
-        num_classes = ds.num_classes
-        if int(ds.y_train.max()) + 1 != num_classes:
-            # prune_for_task sizes the head from the train labels; the exported net must still
-            # have one output per class name.
-            raise PruneError(
-                f"dataset {ds.name!r} has {num_classes} classes but its train split has no image of "
-                f"class {num_classes - 1} ({ds.class_names[-1]!r}): every class needs training images"
-            )
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            say(f"prune to {ratio:g} of the MACs")
-            t0 = time.perf_counter()
-            idx = torch.from_numpy(class_balanced_sample(ds.y_train, sample_per_class, seed, pruner.config.max_support))
-            with torch.no_grad():
-                embedding = pruner.summarize(x_train[idx], y_train[idx])
-            embed_seconds = time.perf_counter() - t0
-            cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
-            if finetune_epochs:
-                say(f"fine-tune the pruned net on {len(x_train)} images", finetune_epochs, "epochs")
-            result = prune_for_task(
-                pruner, x_train, y_train, x_test, y_test, macs_ratio=ratio, finetune=cfg,
-                round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
-            )
-            full_result = None
-            if compare_full:
-                say("fine-tune the full net the same way (reference)", finetune_epochs or None, "epochs")
-                torch.manual_seed(seed)
-                full_result = prune_and_finetune(pruner.backbone, None, x_train, y_train, x_test, y_test, cfg,
-                                                 on_epoch=say.on_epoch)
-        model = result.model.eval()
-
+        task = _load_task(pruner, data)
+        cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
+        pruned = _prune_for(pruner, task, ratio, cfg, round_to, sample_per_class, compare_full, say)
+        model = pruned.result.model.eval()
         say("measure MACs, parameters, CPU latency")
-        full = build_backbone_from_config({**pruner.backbone.config, "num_classes": num_classes}).eval()
-        macs_full, params_full = count_macs_params(full, input_shape)
-        macs_pruned, params_pruned = count_macs_params(model, input_shape)
-        latency = _latencies(full, model, input_shape, latency_threads)
-
+        costs = _costs(pruner, model, task, latency_threads)
         say("export ONNX + TorchScript and check them")
         t1 = time.perf_counter()
-        check = (x_test if has_test else x_train)[:8].contiguous()
-        if len(check) < 2:
-            check = torch.cat([check, check])
-        weights = _state_dict_bytes(model)
-        blobs: dict[str, bytes] = {WEIGHTS_FILE: weights}
-        onnx_diff = ts_diff = None
-        if export_onnx_model:
-            blobs[ONNX_FILE], onnx_diff = export_onnx(model, check, parity_atol)
-        if export_torchscript_model:
-            blobs[TORCHSCRIPT_FILE], ts_diff = export_torchscript(model, check, parity_atol)
-        spec = dataclasses.replace(result.spec, metadata={
-            **result.spec.metadata,
-            "dataset": ds.name,
-            "num_classes": num_classes,
-            "class_names": list(ds.class_names),
-            "weights_sha256": _sha256(weights),
-            "image_shape": list(ds.image_shape),
-        })
-        blobs[KEPT_PLOT] = _kept_plot_png(ds.name, spec)
+        blobs, spec, diffs = _exports(model, pruned.result.spec, task, parity_atol, export_onnx_model,
+                                      export_torchscript_model)
         export_seconds = time.perf_counter() - t1
-        report = PruneReport(
-            out_dir=str(out), dataset=ds.name, pruner=pruner_source, class_names=list(ds.class_names),
-            n_train=len(ds.x_train), n_test=len(ds.x_test), macs_ratio_target=ratio, round_to=round_to,
-            seed=seed, finetune_epochs=finetune_epochs, sample_size=len(idx),
-            accuracy_before_finetune=result.accuracy_before_finetune, accuracy=result.accuracy,
-            macs_full=macs_full, macs_pruned=macs_pruned, params_full=params_full, params_pruned=params_pruned,
-            latency_threads=latency_threads, latency_ms=latency,
-            prune_seconds=embed_seconds + result.prune_seconds, finetune_seconds=result.finetune_seconds,
-            export_seconds=export_seconds,
-            total_seconds=embed_seconds + result.prune_seconds + result.finetune_seconds + export_seconds,
-            onnx_max_abs_diff=onnx_diff, torchscript_max_abs_diff=ts_diff, history=result.history,
-            pruner_version=pruner_version, dataset_sha256=ds.content_sha256(), cpu_count=os.cpu_count(),
-        )
-        if full_result is not None:
-            report.full_accuracy_before_finetune = full_result.accuracy_before_finetune
-            report.full_accuracy = full_result.accuracy
-            report.full_finetune_seconds = full_result.finetune_seconds
-            report.full_history = full_result.history
+        report = _report(out, task, pruned, costs, diffs, export_seconds, pruner_source=pruner_source,
+                         pruner_version=pruner_version, ratio=ratio, round_to=round_to, seed=seed,
+                         finetune_epochs=finetune_epochs, latency_threads=latency_threads)
         report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
         blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
         blobs[REPORT_MD] = report.to_markdown().encode()
@@ -612,6 +562,110 @@ def prune_dataset(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _load_task(pruner: StampPruner, data: ArrayDataset | str) -> _Task:
+    """The dataset as tensors at the pruner's input size; every class must have training images."""
+    ds = resolve_data(data)
+    size, channels = pruner.config.image_size, pruner.backbone.in_channels
+    has_test = len(ds.x_test) > 0
+    if int(ds.y_train.max()) + 1 != ds.num_classes:
+        # prune_for_task sizes the head from the train labels; the exported net must still
+        # have one output per class name.
+        raise PruneError(
+            f"dataset {ds.name!r} has {ds.num_classes} classes but its train split has no image of "
+            f"class {ds.num_classes - 1} ({ds.class_names[-1]!r}): every class needs training images"
+        )
+    return _Task(ds=ds, input_shape=(channels, size, size), x_train=prepare_images(ds.x_train, size, channels),
+                 y_train=torch.from_numpy(ds.y_train),
+                 x_test=prepare_images(ds.x_test, size, channels) if has_test else None,
+                 y_test=torch.from_numpy(ds.y_test) if has_test else None)
+
+
+def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig, round_to: int,
+               sample_per_class: int, compare_full: bool, say: "_Steps") -> _Pruned:
+    """Embed a class-balanced sample, prune to ``ratio``, fine-tune (and the full net too, with ``compare_full``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        say(f"prune to {ratio:g} of the MACs")
+        t0 = time.perf_counter()
+        idx = torch.from_numpy(class_balanced_sample(task.ds.y_train, sample_per_class, cfg.seed,
+                                                     pruner.config.max_support))
+        with torch.no_grad():
+            embedding = pruner.summarize(task.x_train[idx], task.y_train[idx])
+        embed_seconds = time.perf_counter() - t0
+        if cfg.epochs:
+            say(f"fine-tune the pruned net on {len(task.x_train)} images", cfg.epochs, "epochs")
+        result = prune_for_task(
+            pruner, task.x_train, task.y_train, task.x_test, task.y_test, macs_ratio=ratio, finetune=cfg,
+            round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
+        )
+        full_result = None
+        if compare_full:
+            say("fine-tune the full net the same way (reference)", cfg.epochs or None, "epochs")
+            torch.manual_seed(cfg.seed)
+            full_result = prune_and_finetune(pruner.backbone, None, task.x_train, task.y_train, task.x_test,
+                                             task.y_test, cfg, on_epoch=say.on_epoch)
+    return _Pruned(result=result, full_result=full_result, embed_seconds=embed_seconds, sample_size=len(idx))
+
+
+def _costs(pruner: StampPruner, model: nn.Module, task: _Task, latency_threads: int) -> dict[str, Any]:
+    """MACs and parameters of the full and the pruned net (with this task's classifier), and CPU latencies."""
+    full = build_backbone_from_config({**pruner.backbone.config, "num_classes": task.ds.num_classes}).eval()
+    macs_full, params_full = count_macs_params(full, task.input_shape)
+    macs_pruned, params_pruned = count_macs_params(model, task.input_shape)
+    return {"macs_full": macs_full, "params_full": params_full, "macs_pruned": macs_pruned,
+            "params_pruned": params_pruned, "latency_ms": _latencies(full, model, task.input_shape, latency_threads)}
+
+
+def _exports(model: nn.Module, spec: PruneSpec, task: _Task, parity_atol: float, onnx: bool,
+             torchscript: bool) -> tuple[dict[str, bytes], PruneSpec, dict[str, float | None]]:
+    """The files of the deployable model (weights, checked exports, plot) and its spec with the data's metadata."""
+    check = (task.x_test if task.x_test is not None else task.x_train)[:8].contiguous()
+    if len(check) < 2:
+        check = torch.cat([check, check])
+    weights = _state_dict_bytes(model)
+    blobs: dict[str, bytes] = {WEIGHTS_FILE: weights}
+    diffs: dict[str, float | None] = {"onnx": None, "torchscript": None}
+    if onnx:
+        blobs[ONNX_FILE], diffs["onnx"] = export_onnx(model, check, parity_atol)
+    if torchscript:
+        blobs[TORCHSCRIPT_FILE], diffs["torchscript"] = export_torchscript(model, check, parity_atol)
+    ds = task.ds
+    spec = dataclasses.replace(spec, metadata={
+        **spec.metadata,
+        "dataset": ds.name,
+        "num_classes": ds.num_classes,
+        "class_names": list(ds.class_names),
+        "weights_sha256": _sha256(weights),
+        "image_shape": list(ds.image_shape),
+    })
+    blobs[KEPT_PLOT] = _kept_plot_png(ds.name, spec)
+    return blobs, spec, diffs
+
+
+def _report(out: Path, task: _Task, pruned: _Pruned, costs: dict[str, Any], diffs: dict[str, float | None],
+            export_seconds: float, **run: Any) -> PruneReport:
+    """The PruneReport of one run; ``run`` holds the arguments it was called with (ratio, seed, ...)."""
+    ds, result, full_result = task.ds, pruned.result, pruned.full_result
+    prune_seconds = pruned.embed_seconds + result.prune_seconds
+    report = PruneReport(
+        out_dir=str(out), dataset=ds.name, pruner=run["pruner_source"], class_names=list(ds.class_names),
+        n_train=len(ds.x_train), n_test=len(ds.x_test), macs_ratio_target=run["ratio"], round_to=run["round_to"],
+        seed=run["seed"], finetune_epochs=run["finetune_epochs"], sample_size=pruned.sample_size,
+        accuracy_before_finetune=result.accuracy_before_finetune, accuracy=result.accuracy,
+        latency_threads=run["latency_threads"], **costs,
+        prune_seconds=prune_seconds, finetune_seconds=result.finetune_seconds, export_seconds=export_seconds,
+        total_seconds=prune_seconds + result.finetune_seconds + export_seconds,
+        onnx_max_abs_diff=diffs["onnx"], torchscript_max_abs_diff=diffs["torchscript"], history=result.history,
+        pruner_version=run["pruner_version"], dataset_sha256=ds.content_sha256(), cpu_count=os.cpu_count(),
+    )
+    if full_result is not None:
+        report.full_accuracy_before_finetune = full_result.accuracy_before_finetune
+        report.full_accuracy = full_result.accuracy
+        report.full_finetune_seconds = full_result.finetune_seconds
+        report.full_history = full_result.history
     return report
 
 
