@@ -289,99 +289,25 @@ def run_benchmark(
     except OSError as exc:
         raise BenchmarkError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
     csv_path = out / RESULTS_CSV
-    tracking_uri = None
-    if cfg.mlflow.enabled and cfg.shard_index()[1] == 1:  # shards never log: the final plain run does
-        from pipeline.config import resolved_tracking_uri
-        from pipeline.registry import check_tracking_uri
+    tracking_uri = _checked_tracking_uri(cfg)  # fail in seconds, not after the grid
 
-        tracking_uri = resolved_tracking_uri(cfg.mlflow)
-        check_tracking_uri(tracking_uri)  # fail in seconds, not after the grid
-
+    inputs = _Inputs(cfg)
     cells = plan_cells(cfg)
-    targets = {t.name: t for t in cfg.targets}
-    models = {m.backbone: m for m in cfg.models}
-    loaded_models: dict[str, _Model | Exception] = {}
-    loaded_targets: dict[str, _Target | Exception] = {}
-
-    def model_of(name: str, weights: str = "meta") -> _Model:
-        m = _cached(loaded_models, name, lambda: _load_model(models[name]))
-        if weights == "pretrained":
-            _cached(loaded_models, f"{name}|pretrained", lambda: _load_pretrained(m))
-        return m
-
-    def target_of(name: str) -> _Target:
-        return _cached(loaded_targets, name, lambda: _load_target(targets[name], cfg))
-
-    def print_of(c: CellKey) -> str:
-        # Content hashes need the inputs loaded; an input that fails to load fails its cells below.
-        try:
-            m, t = model_of(c.backbone, c.weights), target_of(c.target)
-            contents = {"pruner": m.hashes["pruner"], "target": t.hash}
-            if c.weights == "pretrained":
-                contents["pretrained"] = m.hashes["pretrained"]
-            if c.method.startswith(CROSS_PREFIX):
-                contents["source"] = target_of(c.mask_source).hash
-        except Exception:  # noqa: BLE001 - recorded per cell when it runs
-            return "unavailable"
-        return fingerprint(cfg, c, contents)
-
-    latest: dict[str, dict[str, Any]] = {}
-    for row in read_results(csv_path):
-        latest[row_id(row)] = row
-    done_status = ("ok",) if cfg.retry_failed else ("ok", "failed")
-    todo, skipped, prints = [], [], {}
-    for c in cells:
-        row = latest.get(c.id)
-        if report_only:
-            continue
-        prints[c.id] = print_of(c)
-        if row is not None and row["status"] in done_status and row.get("fingerprint") == prints[c.id] != "unavailable":
-            skipped.append(c.id)
-        else:
-            todo.append(c)
-    k, n = cfg.shard_index()
-    if n > 1:
-        mine = {c.id for j, c in enumerate(cells) if j % n == k}
-        todo = [c for c in todo if c.id in mine]
-    shard = f" (shard {cfg.shard})" if n > 1 else ""
+    latest: dict[str, dict[str, Any]] = {row_id(row): row for row in read_results(csv_path)}
+    todo, skipped, prints = ([], [], {}) if report_only else _to_run(cfg, cells, latest, inputs)
+    shard = f" (shard {cfg.shard})" if cfg.shard_index()[1] > 1 else ""
     say(f"benchmark {cfg.name}: {len(cells)} cells, {len(skipped)} already done, {len(todo)} to run{shard} -> {out}")
 
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     computed, failed = [], []
-    train_cache: dict[tuple[str, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     try:
         for i, cell in enumerate(todo, 1):
             t_cell = time.perf_counter()
-            base_row = {"target": cell.target, "backbone": cell.backbone, "weights": cell.weights, "method": cell.method,
-                        "macs_ratio_target": cell.budget, "seed": cell.seed, "fingerprint": prints[cell.id]}
-            kept = None
-            try:
-                m, t = model_of(cell.backbone, cell.weights), target_of(cell.target)
-                if cell.method == "stamp_mean" and m.mean_embedding is None:
-                    m.mean_embedding = m.pruner.mean_embedding(source_tasks(cfg, m.input_shape))
-
-                def others(c: CellKey = cell, m: _Model = m) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-                    key = (c.backbone, c.seed)
-                    if key not in train_cache:
-                        train_cache.clear()  # one seed at a time: the grid runs seed by seed
-                        train_cache[key] = {}
-                    if c.mask_source not in train_cache[key]:
-                        train_cache[key][c.mask_source] = train_tensors(target_of(c.mask_source), m.input_shape, c.seed,
-                                                                        cfg.max_train_per_class)
-                    return train_cache[key]
-
-                result, kept = _run_cell(cell, cfg, m, t, others)
-                row = {**base_row, **result}
-                msg = (f"acc {100 * row['accuracy']:.1f}% MACs {row['macs_ratio']:.3f} "
-                       f"mask {row['mask_seconds']:.1f}s ft {row['finetune_seconds']:.1f}s")
-            except Exception as exc:  # noqa: BLE001 - a failed cell is recorded, the grid goes on
-                error = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-                row = {**base_row, "status": "failed", "error": error}
+            row, kept, msg = _run_recorded_cell(cell, cfg, inputs, prints[cell.id])
+            if row["status"] == "failed":
                 failed.append(cell.id)
-                msg = f"FAILED {error}"
-            row["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             append_row(csv_path, row)
             if kept is not None:
                 append_mask(out / MASKS_JSONL, cell, prints[cell.id], kept)
@@ -399,6 +325,104 @@ def run_benchmark(
         result.mlflow_run_id = log_to_mlflow(cfg, tracking_uri, result)
         say(f"logged to MLflow run {result.mlflow_run_id}")
     return result
+
+
+def _checked_tracking_uri(cfg: BenchmarkConfig) -> str | None:
+    """The MLflow URI the final report logs to, after one reachability probe; None when nothing logs."""
+    if not cfg.mlflow.enabled or cfg.shard_index()[1] != 1:  # shards never log: the final plain run does
+        return None
+    from pipeline.config import resolved_tracking_uri
+    from pipeline.registry import check_tracking_uri
+
+    tracking_uri = resolved_tracking_uri(cfg.mlflow)
+    check_tracking_uri(tracking_uri)
+    return tracking_uri
+
+
+class _Inputs:
+    """The grid's models and targets, each loaded once on first use (a load error fails only its cells)."""
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        self.cfg = cfg
+        self.targets = {t.name: t for t in cfg.targets}
+        self.models = {m.backbone: m for m in cfg.models}
+        self.loaded_models: dict[str, _Model | Exception] = {}
+        self.loaded_targets: dict[str, _Target | Exception] = {}
+        self.train_cache: dict[tuple[str, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def model_of(self, name: str, weights: str = "meta") -> _Model:
+        m = _cached(self.loaded_models, name, lambda: _load_model(self.models[name]))
+        if weights == "pretrained":
+            _cached(self.loaded_models, f"{name}|pretrained", lambda: _load_pretrained(m))
+        return m
+
+    def target_of(self, name: str) -> _Target:
+        return _cached(self.loaded_targets, name, lambda: _load_target(self.targets[name], self.cfg))
+
+    def print_of(self, c: CellKey) -> str:
+        """The cell's fingerprint (config + input contents); "unavailable" when an input fails to load."""
+        try:
+            m, t = self.model_of(c.backbone, c.weights), self.target_of(c.target)
+            contents = {"pruner": m.hashes["pruner"], "target": t.hash}
+            if c.weights == "pretrained":
+                contents["pretrained"] = m.hashes["pretrained"]
+            if c.method.startswith(CROSS_PREFIX):
+                contents["source"] = self.target_of(c.mask_source).hash
+        except Exception:  # noqa: BLE001 - recorded per cell when it runs
+            return "unavailable"
+        return fingerprint(self.cfg, c, contents)
+
+    def train_sets(self, c: CellKey, m: _Model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Training tensors of ``c.mask_source`` (a ``stamp@U`` cell's other target) for this backbone and seed."""
+        key = (c.backbone, c.seed)
+        if key not in self.train_cache:
+            self.train_cache.clear()  # one seed at a time: the grid runs seed by seed
+            self.train_cache[key] = {}
+        if c.mask_source not in self.train_cache[key]:
+            self.train_cache[key][c.mask_source] = train_tensors(self.target_of(c.mask_source), m.input_shape, c.seed,
+                                                                 self.cfg.max_train_per_class)
+        return self.train_cache[key]
+
+
+def _to_run(cfg: BenchmarkConfig, cells: list[CellKey], latest: dict[str, dict[str, Any]],
+            inputs: _Inputs) -> tuple[list[CellKey], list[str], dict[str, str]]:
+    """(cells to run in this shard, ids already recorded with the same fingerprint, fingerprints)."""
+    done_status = ("ok",) if cfg.retry_failed else ("ok", "failed")
+    todo, skipped, prints = [], [], {}
+    for c in cells:
+        row = latest.get(c.id)
+        prints[c.id] = inputs.print_of(c)
+        if row is not None and row["status"] in done_status and row.get("fingerprint") == prints[c.id] != "unavailable":
+            skipped.append(c.id)
+        else:
+            todo.append(c)
+    k, n = cfg.shard_index()
+    if n > 1:
+        mine = {c.id for j, c in enumerate(cells) if j % n == k}
+        todo = [c for c in todo if c.id in mine]
+    return todo, skipped, prints
+
+
+def _run_recorded_cell(cell: CellKey, cfg: BenchmarkConfig, inputs: _Inputs,
+                       print_: str) -> tuple[dict[str, Any], Any, str]:
+    """(results.csv row, kept channels or None, progress message) of one cell; a failure is a row too."""
+    base_row = {"target": cell.target, "backbone": cell.backbone, "weights": cell.weights, "method": cell.method,
+                "macs_ratio_target": cell.budget, "seed": cell.seed, "fingerprint": print_}
+    kept = None
+    try:
+        m, t = inputs.model_of(cell.backbone, cell.weights), inputs.target_of(cell.target)
+        if cell.method == "stamp_mean" and m.mean_embedding is None:
+            m.mean_embedding = m.pruner.mean_embedding(source_tasks(cfg, m.input_shape))
+        result, kept = _run_cell(cell, cfg, m, t, lambda: inputs.train_sets(cell, m))
+        row = {**base_row, **result}
+        msg = (f"acc {100 * row['accuracy']:.1f}% MACs {row['macs_ratio']:.3f} "
+               f"mask {row['mask_seconds']:.1f}s ft {row['finetune_seconds']:.1f}s")
+    except Exception as exc:  # noqa: BLE001 - a failed cell is recorded, the grid goes on
+        error = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+        row = {**base_row, "status": "failed", "error": error}
+        msg = f"FAILED {error}"
+    row["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return row, kept, msg
 
 
 def _cached(cache: dict[str, Any], key: str, load: Callable[[], Any]) -> Any:
