@@ -99,3 +99,17 @@ def test_register_then_load_by_alias_and_meta_train_from_it(pretrained_run: tupl
     meta = tiny_meta_config(catalog, pretrained=f"models:/stamp-backbone-{name}@champion",
                             mlflow={"enabled": False, "tracking_uri": mlflow_server})
     assert _same(build_pruner(meta).backbone, local)
+
+
+def test_the_committed_reference_backbones_load_and_match_their_manifest() -> None:
+    from pipeline.registry.backbones import BACKBONES_DIR, verify_entry
+
+    entries = read_manifest(BACKBONES_DIR)
+    assert entries, "backbones/manifest.json lists no reference backbone"
+    for entry in entries:
+        verify_entry(entry, BACKBONES_DIR)
+        net = load_reference_backbone(entry.name)
+        assert dict(net.config) == entry.architecture
+        assert entry.val_top1 == entry.curve[-1] and len(entry.curve) == entry.epochs
+        assert entry.command.startswith("python jobs/pretrain.py --config ") and len(entry.commit) == 40
+        assert all(len(d["content_sha256"]) == 64 for d in entry.datasets)
