@@ -209,8 +209,13 @@ def analyze(paths: Sequence[str], neighbours: int = 5) -> str:
             keys = sorted(k for k in cells if k[1] == r and kind_of[k[0]] == kind)
             if not keys:
                 continue
-            common = sorted(set.intersection(*(set(cells[k]) for k in keys)))
-            out += [f"### {kind}s, r={r}: {len(keys)} tasks, {len(common)} masks", "",
+            common = sorted(set().union(*(set(cells[k]) for k in keys)))
+            short = [k for k in keys if not set(cells[k]) >= set(common)]  # a study still running leaves some short
+            keys = [k for k in keys if k not in short]
+            if not keys:
+                continue
+            out += [f"### {kind}s, r={r}: {len(keys)} tasks, {len(common)} masks"
+                    + (f" ({len(short)} tasks without every mask left out)" if short else ""), "",
                     "| family | best shared | its mean | per-task best (in-sample) | headroom, seed noise removed | tasks with headroom >= 1 |",
                     "|---|---|---:|---:|---|---:|"]
             per_task: dict[str, np.ndarray] = {}
