@@ -45,8 +45,9 @@ import torch
 
 from pipeline.apps.benchmark import dev_split
 from pipeline.apps.prune import load_catalog_dataset, resolve_data
-from pipeline.data import ArrayDataset, Catalog, load_pretrained_backbone
+from pipeline.data import ArrayDataset, Catalog
 from pipeline.registry import load_pruner
+from pipeline.registry.backbones import load_backbone
 from stamp_core import StampPruner, default_finetune, prepare_images, prune_and_finetune
 from stamp_core.channel_generator import channel_statistics
 from tests.benchmarks.bench_allocation import mask_builders, parse_mask
@@ -62,20 +63,15 @@ def load_subject(pruner: str | None, backbone: str | None, image_size: int = 32)
     """The pruner to score masks with; from a bare backbone, an untrained one (its scores start at L1)."""
     if pruner:
         return load_pruner(pruner).eval()
-    if backbone and backbone.startswith("models:/"):
-        from pipeline.registry.backbones import load_registered_backbone
-
-        net = load_registered_backbone(backbone)
-    else:
-        net = load_pretrained_backbone(str(backbone))
+    net = load_backbone(str(backbone))  # models:/ URI, a backbones/ entry name, or a run / checkpoint directory
     torch.manual_seed(0)
     return StampPruner.create(net, image_size=image_size, score_init="l1").eval()
 
 
-def load_task(name: str, catalog: str | None, dev_per_class: int) -> ArrayDataset:
-    """A task with its dev split as ``x_test``: a catalog dataset by name or a load_source spec (a target)."""
-    catalogued = set(Catalog.load(catalog).names()) if catalog else set()
-    data = load_catalog_dataset(catalog, name) if name in catalogued else resolve_data(name)
+def load_task(name: str, catalog: str | None, catalogued: set[str], dev_per_class: int) -> ArrayDataset:
+    """A task with its dev split as ``x_test``: a dataset of ``catalog`` (one of ``catalogued``) by name, or a
+    load_source spec (a target)."""
+    data = load_catalog_dataset(catalog, name) if catalog and name in catalogued else resolve_data(name)
     # Few-shot tasks (Omniglot: 16 drawings per character) keep three quarters of each class for training.
     smallest = int(np.bincount(data.y_train).min())
     return dev_split(data, max(1, min(dev_per_class, smallest // 4)))
@@ -112,9 +108,10 @@ def run(args: argparse.Namespace) -> None:
     pruner = load_subject(args.pruner, args.backbone)
     size = pruner.config.image_size
     done = _done(args.out)
+    catalogued = set(Catalog.load(args.catalog).names()) if args.catalog else set()
     for name in args.tasks:
-        kind = "target" if args.catalog is None or name not in set(Catalog.load(args.catalog).names()) else "source"
-        ds = load_task(name, args.catalog, args.dev_per_class)
+        kind = "source" if name in catalogued else "target"
+        ds = load_task(name, args.catalog, catalogued, args.dev_per_class)
         keep = np.concatenate([np.flatnonzero(ds.y_train == c)[: args.train_per_class] for c in np.unique(ds.y_train)])
         x, y = prepare_images(ds.x_train[keep], size), torch.as_tensor(ds.y_train[keep]).long()
         x_dev, y_dev = prepare_images(ds.x_test, size), torch.as_tensor(ds.y_test).long()
@@ -254,7 +251,7 @@ def analyze(paths: Sequence[str], neighbours: int = 5) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--analyze", nargs="+", metavar="JSONL", help="print the analysis of these rows and exit")
-    ap.add_argument("--backbone", help="a pretrain run/checkpoint directory or a models:/ URI of a registered backbone")
+    ap.add_argument("--backbone", help="a models:/ URI of a registered backbone, a backbones/ entry name, or a pretrain run/checkpoint directory")
     ap.add_argument("--pruner", help="a saved pruner directory or models:/ URI (instead of --backbone)")
     ap.add_argument("--catalog", help="catalog.json of the source datasets named in --tasks")
     ap.add_argument("--tasks", nargs="+", help="catalog dataset names (sources) or load_source specs (targets: dev split)")
