@@ -264,7 +264,7 @@ class StampPruner(nn.Module):
         if channel_responses:
             for gi, group in enumerate(self.structure.groups):
                 for name in group.gate_modules:
-                    handles.append(self.backbone.get_submodule(name).register_forward_hook(_response_recorder(recorded[gi])))
+                    handles.append(self.backbone.get_submodule(name).register_forward_hook(channel_response_hook(recorded[gi])))
         try:
             with self.gates.apply(None):
                 feats = torch.cat([self.backbone.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -522,7 +522,9 @@ def spec_from_kept(
     )
 
 
-def _response_recorder(into: list[torch.Tensor]):
+def channel_response_hook(into: list[torch.Tensor]):
+    """A forward hook appending the output's spatially pooled post-ReLU response ``(N, C)`` to ``into``."""
+
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         r = F.relu(out)
         into.append(r.mean(dim=tuple(range(2, r.ndim))) if r.ndim > 2 else r)

@@ -14,7 +14,7 @@ credentials from ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``. A URI with an embedd
 rejected so it cannot end up in MLflow params or logs.
 
 Modules: ``base`` (the strict base model, checks, shared sections, resolution), ``loading`` (YAML,
-overrides, validation), one per job (``pretrain``, ``meta_train``, ``tune``, ``benchmark``).
+overrides, validation), one per job (``pretrain``, ``meta_train``, ``tune``, ``benchmark``, ``outcomes``).
 ``pipeline.config.load_config`` is a stable name: tools outside the repository import it.
 """
 
@@ -55,6 +55,7 @@ from pipeline.config.meta_train import (
     PrunerSection,
     ValidationSection,
 )
+from pipeline.config.outcomes import DEFAULT_CANDIDATES, OutcomeFinetuneSection, OutcomesConfig, OutcomeTasksSection
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.config.tune import AshaSection, SearchRange, SearchSpace, TuneConfig
 
@@ -65,6 +66,7 @@ __all__ = [
     "BenchmarkConfig", "BenchmarkModel", "BenchmarkTarget",
     "JobConfig", "apply_overrides", "format_validation_error", "load_config", "parse_override", "validate_config",
     "EpisodeSection", "FaultInjection", "MetaTrainConfig", "OptimSection", "PrunerSection", "ValidationSection",
+    "DEFAULT_CANDIDATES", "OutcomeFinetuneSection", "OutcomesConfig", "OutcomeTasksSection",
     "PretrainConfig",
     "AshaSection", "SearchRange", "SearchSpace", "TuneConfig",
 ]

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.config.base import ConfigError
 from pipeline.config.benchmark import BenchmarkConfig
 from pipeline.config.meta_train import MetaTrainConfig
+from pipeline.config.outcomes import OutcomesConfig
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.config.tune import TuneConfig
 
@@ -22,7 +23,7 @@ _NAMED_MSG_RE = re.compile(r"^([a-z_][a-z0-9_.]*): ")
 
 JobConfig = Union[PretrainConfig, MetaTrainConfig, TuneConfig]
 _KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainConfig, "meta_train": MetaTrainConfig, "tune": TuneConfig,
-                                       "benchmark": BenchmarkConfig}
+                                       "benchmark": BenchmarkConfig, "outcomes": OutcomesConfig}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -98,7 +99,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), model: type[M] 
     """Read a YAML config, apply ``key=value`` overrides and validate.
 
     Args:
-        path: YAML file; its ``kind`` (pretrain | meta_train | tune) picks the model when
+        path: YAML file; its ``kind`` (pretrain | meta_train | tune | benchmark | outcomes) picks the model when
             ``model`` is not given.
         overrides: ``a.b=value`` strings; values are YAML (``0.001``, ``[2, 5]``, ``true``, ``null``).
         model: the expected config class (the jobs pass theirs).

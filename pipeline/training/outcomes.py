@@ -1,0 +1,289 @@
+"""The outcome table: how candidate masks do after the real fine-tune, on many source tasks, filled by Ray tasks.
+
+Each *task* of the plan is a class subset of one source dataset with its own training and dev images (both
+from the dataset's training split; its test split stays for meta-validation). One Ray task per task probes
+the sample once (:func:`stamp_core.candidates.probe_task`: the features a pruner sees at prune time), then
+prunes the backbone with every candidate at every budget, fine-tunes it as ``stamp prune`` does and scores it
+on the dev images. It writes one JSON *part* per task under ``<storage_path>/<run_name>/parts/``; a re-run
+skips tasks whose part exists, so the table grows across runs and survives a lost driver. At the end the
+driver joins the parts into ``table.jsonl`` beside them and logs counts (and the table) to MLflow.
+
+Read the table back with :func:`load_outcome_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, resolved_catalog_url, resolved_storage_path, resolved_tracking_uri
+from pipeline.config.outcomes import OutcomesConfig
+from pipeline.data import Catalog, load_split_arrays, storage_filesystem
+from pipeline.registry.backbones import load_backbone
+from pipeline.registry.loading import pin_model_uri
+from pipeline.training.driver import load_catalog, resolve_sources, s3_endpoint
+from stamp_core import TrainConfig, analyze_structure, build_backbone_from_config, prepare_images, prune_and_finetune
+from stamp_core import __version__ as stamp_version
+from stamp_core.candidates import build_candidate, kept_fractions, probe_task
+from stamp_core.groups import score_l1
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+TABLE_FILE = "table.jsonl"
+
+
+@dataclass(frozen=True)
+class OutcomeTask:
+    """One class subset of one source dataset (``classes``: the dataset's label ids, sorted)."""
+
+    task_id: str
+    dataset: str
+    classes: tuple[int, ...]
+    seed: int
+
+
+@dataclass
+class OutcomesResult:
+    location: str  #: where the parts and the table are
+    planned: int  #: tasks in the plan
+    recorded: int  #: tasks with a part after this run
+    new: int  #: tasks recorded by this run
+    failed: dict[str, str]  #: task id -> error, for tasks that failed in this run
+    rows: int  #: (task, budget, candidate, seed) rows in the table
+    seconds: float
+    mlflow_run_id: str | None = None
+
+
+# =============================================================================== the plan
+
+
+def plan_tasks(cfg: OutcomesConfig, catalog: Catalog, sources: list[str]) -> list[OutcomeTask]:
+    """The tasks of the config, in a fixed order that mixes the source families early (so a partial
+    table covers all of them); the same config and catalog always give the same plan."""
+    lo, hi = cfg.tasks.ways
+    plan: list[OutcomeTask] = []
+    for draw in range(cfg.tasks.draws_per_source):
+        batch = []
+        for name in sources:
+            n = catalog.get(name).num_classes
+            if n < 2:
+                continue
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode()), draw])
+            ways = int(rng.integers(min(lo, n), min(hi, n) + 1))
+            classes = tuple(sorted(int(c) for c in rng.choice(n, ways, replace=False)))
+            batch.append(OutcomeTask(f"{name}~{draw}", name, classes, int(rng.integers(2**31))))
+        order = np.random.default_rng([cfg.seed, draw]).permutation(len(batch))
+        plan.extend(batch[i] for i in order)
+    return plan
+
+
+# =============================================================================== one task (a Ray task)
+
+
+def _task_arrays(cfg: OutcomesConfig, task: OutcomeTask, catalog_url: str, endpoint: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_dev, y_dev, sample_index)`` of the task, labels 0..K-1, images prepared."""
+    x, y = load_split_arrays(catalog_url, task.dataset, "train", endpoint_url=endpoint)
+    rng = np.random.default_rng(task.seed)
+    train, dev = [], []
+    for new, c in enumerate(task.classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < 3:
+            raise ValueError(f"{task.dataset}: class {c} has {len(idx)} training images; a task needs at least 3")
+        n_dev = min(cfg.tasks.dev_per_class, len(idx) // 3)
+        dev.append(idx[:n_dev])
+        train.append(idx[n_dev:n_dev + cfg.tasks.train_per_class])
+    remap = {c: i for i, c in enumerate(task.classes)}
+    size = cfg.data.image_size
+
+    def arrays(parts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.concatenate(parts)
+        return prepare_images(x[index], size), torch.as_tensor([remap[int(v)] for v in y[index]], dtype=torch.long)
+
+    x_train, y_train = arrays(train)
+    x_dev, y_dev = arrays(dev)
+    sample = torch.cat([torch.nonzero(y_train == k).flatten()[:cfg.tasks.sample_per_class] for k in range(len(task.classes))])
+    return x_train, y_train, x_dev, y_dev, sample
+
+
+def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any], catalog_url: str,
+               endpoint: str | None) -> dict[str, Any]:
+    """The task's record: its features and one row per (budget, candidate, seed)."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    net = build_backbone_from_config(backbone["config"])
+    net.load_state_dict(backbone["state"])
+    structure = analyze_structure(net, (net.in_channels, cfg.data.image_size, cfg.data.image_size))
+    x, y, x_dev, y_dev, sample = _task_arrays(cfg, task, catalog_url, endpoint)
+    probe = probe_task(net, structure, x[sample], y[sample], score_l1(net, structure))
+    rows = []
+    for r in cfg.budgets:
+        for name in cfg.candidates:
+            spec = build_candidate(name, probe, structure, net.config, r)
+            for seed in cfg.seeds:
+                ft = TrainConfig(epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size, lr=cfg.finetune.lr, seed=seed)
+                result = prune_and_finetune(net, spec, x, y, x_dev, y_dev, ft)
+                rows.append({"r": r, "candidate": name, "seed": seed, "accuracy": round(float(result.accuracy), 5),
+                             "macs_ratio": round(spec.macs_pruned / spec.macs_full, 5),
+                             "kept_fractions": [round(f, 4) for f in kept_fractions(spec, structure)]})
+    return {"task_id": task.task_id, "dataset": task.dataset, "classes": list(task.classes), "ways": len(task.classes),
+            "train_images": len(y), "dev_images": len(y_dev), "features": probe.features, "rows": rows,
+            "backbone": backbone["source"], "stamp_version": stamp_version,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _score_and_write(cfg_json: dict[str, Any], task: dict[str, Any], backbone: dict[str, Any], catalog_url: str,
+                     endpoint: str | None, location: str) -> dict[str, Any]:
+    """Ray task body: score one task and write its part (a part exists only for a finished task)."""
+    cfg = OutcomesConfig.model_validate(cfg_json)
+    record = score_task(cfg, OutcomeTask(**{**task, "classes": tuple(task["classes"])}), backbone, catalog_url, endpoint)
+    _write_text(location, f"{PARTS_DIR}/{_part_name(record['task_id'])}", json.dumps(record))
+    return {"task_id": record["task_id"], "rows": len(record["rows"]), "seconds": record["seconds"]}
+
+
+# =============================================================================== storage
+
+
+def _part_name(task_id: str) -> str:
+    return task_id.replace("/", "_") + ".json"
+
+
+def _fs(location: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    path, fs = storage_filesystem(location)
+    return (fs or pyarrow.fs.LocalFileSystem()), path.rstrip("/")
+
+
+def _write_text(location: str, relative: str, text: str) -> None:
+    fs, root = _fs(location)
+    target = f"{root}/{relative}"
+    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{target}.tmp"  # S3 puts are atomic; the rename keeps a local part whole too
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, target)
+
+
+def _recorded_parts(location: str) -> dict[str, str]:
+    """Part file name -> path of every finished part under ``location``."""
+    import pyarrow.fs
+
+    fs, root = _fs(location)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{PARTS_DIR}", allow_not_found=True))
+    except FileNotFoundError:
+        return {}
+    return {i.base_name: i.path for i in infos if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(".json")}
+
+
+def iter_outcome_records(location: str) -> Iterator[dict[str, Any]]:
+    """Every task record under ``location`` (``<storage_path>/<run_name>``), parts in name order."""
+    fs, _ = _fs(location)
+    for _, path in sorted(_recorded_parts(location).items()):
+        with fs.open_input_stream(path) as f:
+            yield json.loads(f.read().decode())
+
+
+def load_outcome_table(location: str) -> list[dict[str, Any]]:
+    """The task records of a table: a run location (its parts) or a ``table.jsonl`` file / URL."""
+    if location.endswith(".jsonl"):
+        fs, path = _fs(location.rsplit("/", 1)[0])
+        with fs.open_input_stream(f"{path}/{location.rsplit('/', 1)[1]}") as f:
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return list(iter_outcome_records(location))
+
+
+# =============================================================================== the driver
+
+
+def prepare_outcomes(cfg: OutcomesConfig) -> tuple[OutcomesConfig, Catalog, list[str], str]:
+    """Resolve locations and sources and pin the backbone, before Ray starts anything."""
+    catalog_url = resolved_catalog_url(cfg.data)
+    catalog = load_catalog(catalog_url, s3_endpoint())
+    sources = resolve_sources(cfg.data.sources, catalog)
+    cfg.data.catalog_url = catalog_url
+    cfg.storage_path = resolved_storage_path(cfg.storage_path)
+    if cfg.pretrained.startswith("models:/"):
+        cfg.pretrained, _ = pin_model_uri(cfg.pretrained, resolved_tracking_uri(cfg.mlflow))
+    too_small = [n for n in sources if catalog.get(n).num_classes < 2]
+    if len(too_small) == len(sources):
+        raise ConfigError(f"data.sources: no dataset has two classes ({', '.join(too_small)})")
+    return cfg, catalog, sources, f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
+
+
+def run_outcomes(cfg: OutcomesConfig) -> OutcomesResult:
+    """Fill the table: one Ray task per unrecorded task of the plan, ``scaling.num_workers`` at a time."""
+    import ray
+
+    t0 = time.perf_counter()
+    cfg, catalog, sources, location = prepare_outcomes(cfg)
+    net = load_backbone(cfg.pretrained, tracking_uri=resolved_tracking_uri(cfg.mlflow))
+    backbone = ray.put({"config": dict(net.config), "state": net.state_dict(), "source": cfg.pretrained})
+    plan = plan_tasks(cfg, catalog, sources)
+    done = set(_recorded_parts(location))
+    recorded_before = sum(1 for t in plan if _part_name(t.task_id) in done)
+    todo = [t for t in plan if _part_name(t.task_id) not in done]
+    if cfg.max_tasks is not None:
+        todo = todo[:max(0, cfg.max_tasks - recorded_before)]
+    print(f"[stamp outcomes {cfg.run_name}] {len(plan)} tasks planned, {recorded_before} recorded, "
+          f"{len(todo)} to do, {len(cfg.budgets) * len(cfg.candidates) * len(cfg.seeds)} fine-tunes each; "
+          f"parts in {location}/{PARTS_DIR}", flush=True)
+    remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=cfg.max_failures)(_score_and_write)
+    cfg_json = cfg.model_dump(mode="json")
+    endpoint = s3_endpoint()
+    pending: dict[Any, str] = {}
+    queue = list(todo)
+    failed: dict[str, str] = {}
+    new = 0
+    while queue or pending:
+        while queue and len(pending) < cfg.scaling.num_workers:
+            task = queue.pop(0)
+            ref = remote.remote(cfg_json, asdict(task), backbone, cfg.data.catalog_url, endpoint, location)
+            pending[ref] = task.task_id
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        task_id = pending.pop(ready[0])
+        try:
+            info = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - one bad task must not lose the others' results
+            failed[task_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("outcome task %s failed: %s", task_id, failed[task_id])
+            continue
+        new += 1
+        print(f"[stamp outcomes {cfg.run_name}] {recorded_before + new}/{len(plan)} {task_id}: "
+              f"{info['rows']} rows in {info['seconds']:.0f} s", flush=True)
+    records = list(iter_outcome_records(location))
+    _write_text(location, TABLE_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    result = OutcomesResult(location=location, planned=len(plan), recorded=len(records), new=new, failed=failed,
+                            rows=sum(len(r["rows"]) for r in records), seconds=round(time.perf_counter() - t0, 1))
+    result.mlflow_run_id = _log_to_mlflow(cfg, result, records)
+    return result
+
+
+def _log_to_mlflow(cfg: OutcomesConfig, result: OutcomesResult, records: list[dict[str, Any]]) -> str | None:
+    """One MLflow run per invocation: the config, the counts and the joined table."""
+    if not cfg.mlflow.enabled:
+        return None
+    import mlflow
+
+    from pipeline.registry import check_tracking_uri
+
+    uri = resolved_tracking_uri(cfg.mlflow)
+    check_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name=cfg.run_name, tags={"stamp.kind": "outcomes", "stamp.location": result.location}) as run:
+        mlflow.log_params({k: v[:6000] for k, v in cfg.flat_params().items()})
+        mlflow.log_metrics({"tasks_recorded": result.recorded, "tasks_new": result.new, "tasks_failed": len(result.failed),
+                            "rows": result.rows, "seconds": result.seconds})
+        mlflow.log_text("".join(json.dumps(r) + "\n" for r in records), TABLE_FILE)
+        return run.info.run_id

@@ -1,0 +1,233 @@
+"""A small, named family of masks that the one-pass pruner chooses from, and what one forward pass of a
+task's sample tells about the task.
+
+A mask here is a *candidate*: an **allocation** (the fraction of each prunable group to keep) and a
+**ranking** (which channels inside a group). Allocations interpolate between L1's own allocation and
+uniform width and tilt it with depth; rankings are data-free L1 magnitude or read from the same forward
+pass of the task's sample (mean response, class separability). Every candidate is met exactly at the MACs
+budget by one global threshold (:func:`spec_for_fractions`), so candidates differ only in *where* the
+budget goes, and building any of them costs no pass beyond :func:`probe_task`'s one forward of the sample.
+
+Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.name`):
+
+* allocation ``l1`` (= ``mix1``), ``uniform`` (= ``mix0``), ``mixW`` (W x L1's fractions + (1 - W) x
+  uniform's, 0 <= W <= 1), ``tiltB`` (uniform tilted with depth: fractions x exp(B (depth - 1/2)), depth 0
+  for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both);
+* an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``activation``, ``separability``.
+
+E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``separability_in_mix0.5``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from stamp_core.baselines import score_uniform, select_spec
+from stamp_core.channel_generator import channel_statistics
+from stamp_core.groups import PrunableStructure, score_l1
+from stamp_core.pruner import channel_response_hook
+from stamp_core.spec import PruneSpec
+
+#: rankings inside a group that need nothing beyond the probe's forward pass
+RANKINGS = ("l1", "activation", "separability")
+
+_ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?:mix(?P<mix>[0-9]*\.?[0-9]+))?(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)$")
+
+
+@dataclass(frozen=True)
+class MaskCandidate:
+    """One mask recipe of the family (see the module docstring).
+
+    Args:
+        mix: weight of L1's allocation against uniform width, in [0, 1] (1 = L1's, 0 = uniform).
+        tilt: depth tilt B of the fractions (0 = none; + keeps deep groups wider).
+        ranking: channel ranking inside a group, one of :data:`RANKINGS`.
+    """
+
+    mix: float
+    tilt: float = 0.0
+    ranking: str = "l1"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.mix, (int, float)) and 0.0 <= self.mix <= 1.0):
+            raise ValueError(f"mix={self.mix!r}: expected a weight in [0, 1] (1 = L1's allocation, 0 = uniform)")
+        if not (isinstance(self.tilt, (int, float)) and math.isfinite(self.tilt) and abs(self.tilt) <= 4.0):
+            raise ValueError(f"tilt={self.tilt!r}: expected a finite depth tilt in [-4, 4]")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking={self.ranking!r}: expected one of {', '.join(RANKINGS)}")
+
+    @property
+    def allocation(self) -> str:
+        if self.tilt == 0.0 and self.mix in (0.0, 1.0):
+            return "l1" if self.mix == 1.0 else "uniform"
+        mix = "" if self.mix == 0.0 and self.tilt != 0.0 else f"mix{self.mix:g}"
+        tilt = f"tilt{self.tilt:+g}" if self.tilt != 0.0 else ""
+        return mix + tilt
+
+    @property
+    def name(self) -> str:
+        return self.allocation if self.ranking == "l1" else f"{self.ranking}_in_{self.allocation}"
+
+    @classmethod
+    def parse(cls, name: str) -> "MaskCandidate":
+        """The candidate a name stands for; ValueError naming the grammar on a bad one."""
+        ranking, sep, allocation = name.rpartition("_in_")
+        found = _ALLOCATION.match(allocation)
+        if not found or not allocation or (sep and ranking not in RANKINGS):
+            raise ValueError(
+                f"unknown mask candidate {name!r}: expected [<ranking>_in_]<allocation> with ranking one of "
+                f"{', '.join(RANKINGS)} and allocation l1, uniform, mixW (0<=W<=1), tiltB (e.g. tilt+1) or mixWtiltB")
+        if found["named"]:
+            mix = 1.0 if found["named"] == "l1" else 0.0
+        else:
+            mix = float(found["mix"]) if found["mix"] is not None else 0.0
+        tilt = float(found["tilt"]) if found["tilt"] is not None else 0.0
+        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1")
+
+
+@dataclass
+class TaskProbe:
+    """What one forward pass of a task's sample through the backbone yields (eval mode, no gates).
+
+    ``features`` is a fixed, named vector describing the task (see :func:`task_features`); the rest is what
+    the candidates' rankings read.
+    """
+
+    l1: list[torch.Tensor]  #: per group, L1 magnitude of each channel (the weights'; no data)
+    activation: list[torch.Tensor]  #: per group, mean post-ReLU response of each channel on the sample
+    separability: list[torch.Tensor]  #: per group, share of each channel's response variance explained by the class
+    features: dict[str, float]  #: named task description
+
+
+def probe_task(backbone: nn.Module, structure: PrunableStructure, images: torch.Tensor, labels: torch.Tensor,
+               l1: Sequence[torch.Tensor] | None = None) -> TaskProbe:
+    """One forward pass of ``images`` (prepared, a class-balanced sample) through ``backbone``.
+
+    ``l1`` may be passed when already computed for these weights (it depends on the weights only).
+    """
+    responses: list[list[torch.Tensor]] = [[] for _ in structure.groups]
+    handles = []
+    for gi, group in enumerate(structure.groups):
+        for name in group.gate_modules:
+            handles.append(backbone.get_submodule(name).register_forward_hook(channel_response_hook(responses[gi])))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            feats = backbone.features(images)
+            logits = backbone.classifier(feats)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    # a group's gated modules (e.g. the convs of a residual stage) share its channels: average them
+    per_group = [torch.stack(chunks).mean(0) for chunks in responses]
+    stats = channel_statistics(per_group, labels)
+    return TaskProbe(
+        l1=[s.double() for s in (l1 if l1 is not None else score_l1(backbone, structure))],
+        activation=[r.double().mean(0) for r in per_group],
+        separability=[st[:, 2].double() for st in stats],
+        features=task_features(images, labels, feats, logits, per_group, stats),
+    )
+
+
+def task_features(images: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor,
+                  responses: Sequence[torch.Tensor], stats: Sequence[torch.Tensor]) -> dict[str, float]:
+    """A fixed, named description of a task from its sample and one forward pass (all scale-free).
+
+    Input: colourfulness (spread across RGB, 0 for grayscale), pixel spread, share of near-extreme pixels
+    (strokes and scans are mostly background or ink), edge energy. Backbone: how familiar the images are to
+    the pretrained head (mean top probability, normalised entropy), class separability of the pooled
+    features, and per depth third (early / mid / late groups) the mean class separability of channels, the
+    share of near-silent channels and the spread of channel responses. Task shape: log classes, log images
+    per class of the sample.
+    """
+    x = images.double()
+    pixels = x * 0.5 + 0.5  # back to [0, 1] (stamp_core.preprocess maps [0, 1] to [-1, 1])
+    spread = float(pixels.std())
+    lo, hi = pixels.amin(dim=(1, 2, 3), keepdim=True), pixels.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = (pixels - lo) / (hi - lo).clamp_min(1e-6)
+    edges = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean() + (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean()
+    probs = torch.softmax(logits.double(), dim=1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+    out: dict[str, float] = {
+        "colourfulness": float(pixels.std(dim=1).mean()) if pixels.shape[1] > 1 else 0.0,
+        "pixel_spread": spread,
+        "extreme_share": float(((scaled < 0.1) | (scaled > 0.9)).double().mean()),
+        "edge_energy": float(edges) / max(spread, 1e-6),
+        "head_confidence": float(probs.max(1).values.mean()),
+        "head_entropy": float(entropy.mean()),
+        "feature_separability": float(channel_statistics([feats], labels)[0][:, 2].double().mean()),
+        "log_classes": math.log(int(labels.unique().numel())),
+        "log_per_class": math.log(len(labels) / int(labels.unique().numel())),
+    }
+    thirds = _depth_thirds(len(responses))
+    for part, groups in zip(("early", "mid", "late"), thirds):
+        sep = torch.cat([stats[g][:, 2].double() for g in groups])
+        means = torch.cat([responses[g].double().mean(0) for g in groups])
+        per_group_max = torch.cat([responses[g].double().mean(0).max().expand(responses[g].shape[1]) for g in groups])
+        log_means = torch.log(means + 1e-6)
+        out[f"{part}_separability"] = float(sep.mean())
+        out[f"{part}_silent_share"] = float((means < 0.01 * per_group_max.clamp_min(1e-12)).double().mean())
+        out[f"{part}_response_spread"] = float(log_means.std())
+    return out
+
+
+def _depth_thirds(n: int) -> list[list[int]]:
+    cuts = [round(n * k / 3) for k in range(4)]
+    thirds = [list(range(cuts[k], cuts[k + 1])) for k in range(3)]
+    return [t if t else [min(k, n - 1)] for k, t in enumerate(thirds)]
+
+
+def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tensor], structure: PrunableStructure,
+                       backbone_config: dict[str, Any], macs_ratio: float, metadata: dict[str, Any] | None = None
+                       ) -> PruneSpec:
+    """Keep about ``fractions[g]`` of group ``g``, its best channels by ``ranking``, exactly at the budget.
+
+    One global threshold on ``fractions[g] - (rank inside the group + 0.5) / size``: the fractions set the
+    allocation, the ranking the order inside a group, and the threshold meets the budget exactly.
+    """
+    scores = []
+    for f, s in zip(fractions, ranking):
+        n = s.numel()
+        rank = torch.empty(n, dtype=torch.float64)
+        rank[s.double().argsort(descending=True, stable=True)] = torch.arange(n, dtype=torch.float64)
+        scores.append(float(f) - (rank + 0.5) / n)
+    return select_spec(scores, structure, backbone_config, macs_ratio, metadata=metadata)
+
+
+def kept_fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]:
+    """Fraction of each group ``spec`` keeps."""
+    return [len(spec.kept[g.name]) / g.size for g in structure.groups]
+
+
+def candidate_fractions(candidate: MaskCandidate, l1: Sequence[torch.Tensor], structure: PrunableStructure,
+                        backbone_config: dict[str, Any], macs_ratio: float) -> list[float]:
+    """Per-group keep fractions of ``candidate``'s allocation at budget ``macs_ratio`` (before the threshold)."""
+    uniform = kept_fractions(select_spec(score_uniform(structure), structure, backbone_config, macs_ratio), structure)
+    fractions = uniform
+    if candidate.mix > 0.0:
+        own = kept_fractions(select_spec(l1, structure, backbone_config, macs_ratio, normalize=True), structure)
+        fractions = [candidate.mix * a + (1.0 - candidate.mix) * b for a, b in zip(own, uniform)]
+    if candidate.tilt != 0.0:
+        last = max(len(fractions) - 1, 1)
+        fractions = [min(1.0, f * math.exp(candidate.tilt * (g / last - 0.5))) for g, f in enumerate(fractions)]
+    return fractions
+
+
+def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure: PrunableStructure,
+                    backbone_config: dict[str, Any], macs_ratio: float) -> PruneSpec:
+    """The PruneSpec of ``candidate`` for the probed task at budget ``macs_ratio``."""
+    if isinstance(candidate, str):
+        candidate = MaskCandidate.parse(candidate)
+    fractions = candidate_fractions(candidate, probe.l1, structure, backbone_config, macs_ratio)
+    ranking = {"l1": probe.l1, "activation": probe.activation, "separability": probe.separability}[candidate.ranking]
+    return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio,
+                              metadata={"method": "candidate", "candidate": candidate.name})

@@ -1,0 +1,98 @@
+"""Tests for pipeline.training.outcomes: the plan, one task scored in process, and the table filled by real Ray
+tasks into SeaweedFS, resumed without redoing recorded tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, OutcomesConfig
+from pipeline.data import Catalog, save_backbone
+from pipeline.training.outcomes import load_outcome_table, plan_tasks, prepare_outcomes, run_outcomes, score_task
+from stamp_core import build_backbone
+
+CANDIDATES = ["l1", "uniform", "separability_in_tilt+1"]
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("backbone")
+    save_backbone(directory, build_backbone("small_cnn", 4, width=8), {"epoch": 0})
+    return str(directory)
+
+
+def _config(catalog_url: str, backbone_dir: str, **overrides: Any) -> OutcomesConfig:
+    data: dict[str, Any] = dict(
+        pretrained=backbone_dir, candidates=CANDIDATES, budgets=[0.3, 0.6], seeds=[0],
+        data={"catalog_url": catalog_url, "sources": ["blobs", "stripes"]},
+        tasks={"draws_per_source": 2, "ways": [2, 3], "train_per_class": 8, "dev_per_class": 6, "sample_per_class": 4},
+        finetune={"epochs": 1, "batch_size": 16}, mlflow={"enabled": False},
+    )
+    data.update(overrides)
+    return OutcomesConfig.model_validate(data)
+
+
+def test_the_plan_is_fixed_mixes_sources_and_draws_valid_subsets(local_catalog: str, backbone_dir: str) -> None:
+    cfg = _config(local_catalog, backbone_dir)
+    catalog = Catalog.load(local_catalog)
+    plan = plan_tasks(cfg, catalog, ["blobs", "stripes"])
+    assert plan == plan_tasks(cfg, catalog, ["blobs", "stripes"])
+    assert len(plan) == 4 and len({t.task_id for t in plan}) == 4
+    assert {t.dataset for t in plan[:2]} == {"blobs", "stripes"}  # the first draw covers every source
+    for t in plan:
+        n = catalog.get(t.dataset).num_classes
+        assert 2 <= len(t.classes) <= 3 and list(t.classes) == sorted(set(t.classes)) and max(t.classes) < n
+    assert plan_tasks(_config(local_catalog, backbone_dir, seed=1), catalog, ["blobs", "stripes"]) != plan
+
+
+def test_score_task_records_every_cell_and_the_features(local_catalog: str, backbone_dir: str) -> None:
+    cfg = _config(local_catalog, backbone_dir)
+    cfg, catalog, sources, _ = prepare_outcomes(cfg)
+    task = plan_tasks(cfg, catalog, sources)[0]
+    from pipeline.data import load_backbone_dir
+
+    net = load_backbone_dir(Path(backbone_dir))
+    record = score_task(cfg, task, {"config": net.config, "state": net.state_dict(), "source": backbone_dir},
+                        local_catalog, None)
+    assert record["task_id"] == task.task_id and record["classes"] == list(task.classes)
+    assert record["dev_images"] == 6 * len(task.classes) and record["train_images"] == 8 * len(task.classes)
+    cells = {(row["r"], row["candidate"], row["seed"]) for row in record["rows"]}
+    assert cells == {(r, c, 0) for r in (0.3, 0.6) for c in CANDIDATES}
+    for row in record["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["macs_ratio"] <= row["r"] + 1e-9
+    by = {(row["r"], row["candidate"]): row["kept_fractions"] for row in record["rows"]}
+    assert by[(0.3, "l1")] != by[(0.3, "uniform")]  # different allocations, the same budget
+    assert {"colourfulness", "head_confidence", "late_separability", "log_classes"} <= set(record["features"])
+    assert json.loads(json.dumps(record)) == record  # a part is plain JSON
+
+
+def test_a_config_without_named_sources_or_with_a_bad_candidate_is_refused(local_catalog: str, backbone_dir: str) -> None:
+    with pytest.raises(ValueError, match="data.sources: name the source datasets"):
+        _config(local_catalog, backbone_dir, data={"catalog_url": local_catalog, "sources": "all"})
+    with pytest.raises(ValueError, match="unknown mask candidate 'snip'"):
+        _config(local_catalog, backbone_dir, candidates=["l1", "snip"])
+    with pytest.raises(ConfigError, match="nope-\\*"):
+        prepare_outcomes(_config(local_catalog, backbone_dir, data={"catalog_url": local_catalog, "sources": ["nope-*"]}))
+
+
+@pytest.mark.integration
+def test_ray_tasks_fill_the_table_on_s3_and_a_rerun_skips_recorded_tasks(
+        ray_local: None, local_catalog: str, backbone_dir: str, s3_bucket: str) -> None:
+    storage = f"s3://{s3_bucket}/outcomes"
+    first = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t", max_tasks=3))
+    assert (first.planned, first.recorded, first.new, first.failed) == (4, 3, 3, {})
+    assert first.location == f"{storage}/t" and first.rows == 3 * 2 * len(CANDIDATES)
+    again = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t"))
+    assert (again.recorded, again.new) == (4, 1)  # only the task the first run left
+    table = load_outcome_table(f"{storage}/t/table.jsonl")
+    parts = load_outcome_table(f"{storage}/t")
+    assert table == parts and len(table) == 4
+    assert sorted(r["task_id"] for r in table) == sorted(t.task_id for t in plan_tasks(
+        _config(local_catalog, backbone_dir), Catalog.load(local_catalog), ["blobs", "stripes"]))
+    done = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t"))
+    assert (done.recorded, done.new) == (4, 0)

@@ -1,0 +1,111 @@
+"""stamp_core.candidates: the named mask family (allocation x ranking) and the one-pass task probe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stamp_core import analyze_structure, build_backbone
+from stamp_core.baselines import score_uniform, select_spec
+from stamp_core.candidates import (
+    MaskCandidate,
+    build_candidate,
+    candidate_fractions,
+    kept_fractions,
+    probe_task,
+)
+from stamp_core.groups import score_l1
+from tests.stamp_core._tasks import make_images
+
+SHAPE = (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    net = build_backbone("resnet20", 10).eval()
+    return net, analyze_structure(net, SHAPE)
+
+
+def _task(family: str, classes: int = 4, per_class: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(per_class)
+    return make_images(family, y, gen), y  # already prepared: [-1, 1], (N, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name, mix, tilt, ranking", [
+    ("l1", 1.0, 0.0, "l1"), ("uniform", 0.0, 0.0, "l1"), ("mix0.5", 0.5, 0.0, "l1"), ("tilt+1", 0.0, 1.0, "l1"),
+    ("tilt-0.5", 0.0, -0.5, "l1"), ("mix0.5tilt+1", 0.5, 1.0, "l1"), ("mix1tilt+1", 1.0, 1.0, "l1"),
+    ("separability_in_l1", 1.0, 0.0, "separability"), ("activation_in_mix0.25tilt-1", 0.25, -1.0, "activation"),
+])
+def test_names_parse_and_print_back(name: str, mix: float, tilt: float, ranking: str) -> None:
+    candidate = MaskCandidate.parse(name)
+    assert (candidate.mix, candidate.tilt, candidate.ranking) == (mix, tilt, ranking)
+    assert candidate.name == name
+    assert MaskCandidate.parse(candidate.name) == candidate
+
+
+@pytest.mark.parametrize("name", ["", "l2", "mix1.5", "snip_in_l1", "separability_in_", "tilt1", "mix0.5tilt", "L1"])
+def test_a_bad_name_is_refused_with_the_grammar(name: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown mask candidate .*expected \[<ranking>_in_\]<allocation>|mix=.*expected a weight"):
+        MaskCandidate.parse(name)
+
+
+def test_bad_fields_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"ranking='snip': expected one of l1, activation, separability"):
+        MaskCandidate(mix=1.0, ranking="snip")
+    with pytest.raises(ValueError, match=r"tilt=inf: expected a finite depth tilt"):
+        MaskCandidate(mix=1.0, tilt=math.inf)
+
+
+def test_every_candidate_meets_the_budget_and_the_family_spans_allocations(resnet: tuple) -> None:
+    net, structure = resnet
+    x, y = _task("color")
+    probe = probe_task(net, structure, x, y)
+    fractions = {}
+    for name in ("l1", "uniform", "mix0.5", "tilt+1", "tilt-1", "separability_in_l1"):
+        for r in (0.1, 0.3, 0.7):
+            spec = build_candidate(name, probe, structure, net.config, r)
+            assert spec.macs_pruned <= r * spec.macs_full and spec.macs_ratio > r - 0.01, (name, r, spec.macs_ratio)
+            assert spec.metadata == {"method": "candidate", "candidate": name}
+        fractions[name] = kept_fractions(build_candidate(name, probe, structure, net.config, 0.3), structure)
+    # L1's own allocation: the candidate keeps what torch-pruning's global L1 mask keeps in every group.
+    direct = select_spec(score_l1(net, structure), structure, net.config, 0.3, normalize=True)
+    assert fractions["l1"] == pytest.approx(kept_fractions(direct, structure), abs=0.07)
+    uniform = kept_fractions(select_spec(score_uniform(structure), structure, net.config, 0.3), structure)
+    assert fractions["uniform"] == pytest.approx(uniform, abs=0.07)
+    # Tilts move the budget with depth: +1 keeps the last group wider and the first narrower than uniform.
+    assert fractions["tilt+1"][-1] > fractions["uniform"][-1] > fractions["tilt-1"][-1]
+    assert fractions["tilt+1"][0] < fractions["uniform"][0] < fractions["tilt-1"][0]
+    # A ranking keeps the allocation and changes which channels.
+    same_l1 = build_candidate("l1", probe, structure, net.config, 0.3)
+    separable = build_candidate("separability_in_l1", probe, structure, net.config, 0.3)
+    assert separable.kept_counts() == same_l1.kept_counts()
+    assert separable.kept != same_l1.kept
+
+
+def test_mix_interpolates_between_l1_and_uniform(resnet: tuple) -> None:
+    net, structure = resnet
+    l1 = score_l1(net, structure)
+    f = {w: candidate_fractions(MaskCandidate(mix=w), l1, structure, net.config, 0.3) for w in (0.0, 0.5, 1.0)}
+    assert f[0.5] == pytest.approx([(a + b) / 2 for a, b in zip(f[0.0], f[1.0])])
+
+
+def test_probe_features_are_named_finite_and_tell_grayscale_from_colour(resnet: tuple) -> None:
+    net, structure = resnet
+    colour = probe_task(net, structure, *_task("color"))
+    x, y = _task("orientation", classes=6)
+    gray = probe_task(net, structure, x.mean(1, keepdim=True).expand_as(x), y)
+    assert list(colour.features) == list(gray.features)
+    assert all(math.isfinite(v) for v in [*colour.features.values(), *gray.features.values()])
+    assert gray.features["colourfulness"] == pytest.approx(0.0, abs=1e-6)
+    assert colour.features["colourfulness"] > 0.01
+    assert gray.features["log_classes"] == pytest.approx(math.log(6))
+    assert colour.features["log_per_class"] == pytest.approx(math.log(10))
+    assert 0 < colour.features["head_confidence"] <= 1 and 0 <= colour.features["head_entropy"] <= 1
+    assert [len(a) for a in colour.activation] == [g.size for g in structure.groups]
+    # The sample decides the data-aware rankings; the weights alone decide L1's.
+    assert any(not torch.equal(a, b) for a, b in zip(colour.separability, gray.separability))
+    assert all(torch.equal(a, b) for a, b in zip(colour.l1, gray.l1))
