@@ -37,6 +37,11 @@ from stamp_core.spec import PruneSpec
 
 #: rankings inside a group that need nothing beyond the probe's forward pass
 RANKINGS = ("l1", "activation", "separability")
+#: the task description :func:`task_features` returns, in this order
+FEATURE_NAMES = ("colourfulness", "pixel_spread", "extreme_share", "edge_energy", "head_confidence", "head_entropy",
+                 "feature_separability", "log_classes", "log_per_class",
+                 *(f"{part}_{stat}" for part in ("early", "mid", "late")
+                   for stat in ("separability", "silent_share", "response_spread")))
 
 _ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?:mix(?P<mix>[0-9]*\.?[0-9]+))?(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)$")
 
@@ -177,6 +182,7 @@ def task_features(images: torch.Tensor, labels: torch.Tensor, feats: torch.Tenso
         out[f"{part}_separability"] = float(sep.mean())
         out[f"{part}_silent_share"] = float((means < 0.01 * per_group_max.clamp_min(1e-12)).double().mean())
         out[f"{part}_response_spread"] = float(log_means.std())
+    assert tuple(out) == FEATURE_NAMES
     return out
 
 

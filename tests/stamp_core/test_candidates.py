@@ -10,6 +10,7 @@ import torch
 from stamp_core import analyze_structure, build_backbone
 from stamp_core.baselines import score_uniform, select_spec
 from stamp_core.candidates import (
+    FEATURE_NAMES,
     MaskCandidate,
     build_candidate,
     candidate_fractions,
@@ -98,7 +99,7 @@ def test_probe_features_are_named_finite_and_tell_grayscale_from_colour(resnet: 
     colour = probe_task(net, structure, *_task("color"))
     x, y = _task("orientation", classes=6)
     gray = probe_task(net, structure, x.mean(1, keepdim=True).expand_as(x), y)
-    assert list(colour.features) == list(gray.features)
+    assert tuple(colour.features) == tuple(gray.features) == FEATURE_NAMES
     assert all(math.isfinite(v) for v in [*colour.features.values(), *gray.features.values()])
     assert gray.features["colourfulness"] == pytest.approx(0.0, abs=1e-6)
     assert colour.features["colourfulness"] > 0.01
