@@ -55,8 +55,10 @@ def run_job(
     summarize: Callable[[Any], dict[str, Any]],
     argv: list[str] | None = None,
     prepare: Callable[[C], Any] | None = None,
+    needs_ray: bool = True,
 ) -> int:
-    """Parse, validate, (optionally) pre-check, start Ray, run; print a JSON summary last."""
+    """Parse, validate, (optionally) pre-check, start Ray (unless the job runs in this process), run; print a
+    JSON summary last."""
     args = parse_args(description, argv)
     # Fill AWS/MLflow/Ray client variables from a running local stack before Ray is imported.
     load_stack_credentials(state_dir_from_env())
@@ -70,7 +72,8 @@ def run_job(
     except Exception as exc:  # noqa: BLE001 - e.g. the catalog's storage is unreachable: say so, briefly
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    init_ray()
+    if needs_ray:
+        init_ray()
     try:
         result = runner(cfg)
     except ConfigError as exc:

@@ -3,7 +3,7 @@
 Every scorer returns one 1-D float tensor per prunable group of a :class:`PrunableStructure`
 (structure order, one value per channel; higher = keep). :func:`select_spec` turns any such scores
 into a :class:`PruneSpec` at MACs ratio ``r`` with the same global-threshold calibration STAMP uses
-(:func:`stamp_core.pruner.calibrate_masks`), so every method is held to exactly the same budget.
+(:func:`stamp_core.calibration.calibrate_masks`), so every method is held to exactly the same budget.
 
 Scorers:
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from stamp_core.groups import ChannelGates, PrunableStructure, score_l1
 from stamp_core.mask_generator import A_UC_INIT, B_UC_INIT, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.pruner import __version__, calibrate_masks, spec_from_kept
+from stamp_core.calibration import __version__, calibrate_masks, spec_from_kept
 from stamp_core.spec import PruneSpec
 
 GroupScores = list[torch.Tensor]

@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from stamp_core.baselines import score_uniform, select_spec
-from stamp_core.channel_generator import channel_statistics
+from stamp_core.channel_generator import channel_response_hook, channel_statistics
 from stamp_core.groups import PrunableStructure, score_l1
-from stamp_core.pruner import channel_response_hook
 from stamp_core.spec import PruneSpec
 
 #: rankings inside a group that need nothing beyond the probe's forward pass
@@ -193,8 +192,8 @@ def _depth_thirds(n: int) -> list[list[int]]:
 
 
 def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tensor], structure: PrunableStructure,
-                       backbone_config: dict[str, Any], macs_ratio: float, metadata: dict[str, Any] | None = None
-                       ) -> PruneSpec:
+                       backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1,
+                       metadata: dict[str, Any] | None = None) -> PruneSpec:
     """Keep about ``fractions[g]`` of group ``g``, its best channels by ``ranking``, exactly at the budget.
 
     One global threshold on ``fractions[g] - (rank inside the group + 0.5) / size``: the fractions set the
@@ -206,7 +205,7 @@ def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tenso
         rank = torch.empty(n, dtype=torch.float64)
         rank[s.double().argsort(descending=True, stable=True)] = torch.arange(n, dtype=torch.float64)
         scores.append(float(f) - (rank + 0.5) / n)
-    return select_spec(scores, structure, backbone_config, macs_ratio, metadata=metadata)
+    return select_spec(scores, structure, backbone_config, macs_ratio, round_to=round_to, metadata=metadata)
 
 
 def kept_fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]:
@@ -229,11 +228,12 @@ def candidate_fractions(candidate: MaskCandidate, l1: Sequence[torch.Tensor], st
 
 
 def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure: PrunableStructure,
-                    backbone_config: dict[str, Any], macs_ratio: float) -> PruneSpec:
-    """The PruneSpec of ``candidate`` for the probed task at budget ``macs_ratio``."""
+                    backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1) -> PruneSpec:
+    """The PruneSpec of ``candidate`` for the probed task at budget ``macs_ratio`` (``round_to``: keep a
+    multiple of this many channels per group)."""
     if isinstance(candidate, str):
         candidate = MaskCandidate.parse(candidate)
     fractions = candidate_fractions(candidate, probe.l1, structure, backbone_config, macs_ratio)
     ranking = {"l1": probe.l1, "activation": probe.activation, "separability": probe.separability}[candidate.ranking]
-    return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio,
+    return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio, round_to,
                               metadata={"method": "candidate", "candidate": candidate.name})

@@ -98,6 +98,16 @@ def channel_statistics(responses: Sequence[torch.Tensor], labels: torch.Tensor |
     return out
 
 
+def channel_response_hook(into: list[torch.Tensor]):
+    """A forward hook appending the output's spatially pooled post-ReLU response ``(N, C)`` to ``into``."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        r = F.relu(out)
+        into.append(r.mean(dim=tuple(range(2, r.ndim))) if r.ndim > 2 else r)
+
+    return hook
+
+
 def _within_layer_z(x: torch.Tensor) -> torch.Tensor:
     """z-score along the channel axis (dim -2) of ``(..., C, F)``."""
     return (x - x.mean(-2, keepdim=True)) / x.std(-2, keepdim=True, unbiased=False).clamp_min(1e-3)

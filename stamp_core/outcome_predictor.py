@@ -11,7 +11,9 @@ one weight vector per candidate, fitted in closed form; the budget terms are not
 by ``ridge``. With a large ``ridge`` (or the features of the average source task, ``z = 0``) it reduces to the
 best *shared* candidate at each budget: adaptivity is what the feature terms add. Nothing here is learned by
 gradient, so the model is small, exact to refit and cheap to evaluate (microseconds, against one forward pass
-of the sample for the features).
+of the sample for the features). A task's features are clipped to the range seen in fitting first, so a task
+unlike every source (say, 242 classes where sources had 5-20) gets the prediction of the nearest edge of the
+table rather than a linear extrapolation.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class OutcomePredictor(nn.Module):
         n = len(self.feature_names)
         self.register_buffer("feature_mean", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("feature_scale", torch.ones(n, dtype=torch.float64))
+        self.register_buffer("feature_low", torch.full((n,), -torch.inf, dtype=torch.float64))
+        self.register_buffer("feature_high", torch.full((n,), torch.inf, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(len(self.candidates), _BUDGET_TERMS + 2 * n, dtype=torch.float64))
 
     def features_tensor(self, features: dict[str, float]) -> torch.Tensor:
@@ -53,7 +57,8 @@ class OutcomePredictor(nn.Module):
         return torch.tensor([float(features[k]) for k in self.feature_names], dtype=torch.float64)
 
     def _design(self, features: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        z = (features.double() - self.feature_mean) / self.feature_scale
+        clipped = torch.minimum(torch.maximum(features.double(), self.feature_low), self.feature_high)
+        z = (clipped - self.feature_mean) / self.feature_scale
         r = r.double().reshape(-1, 1)
         return torch.cat([torch.ones_like(r), r, r * r, z, z * r], dim=1)
 
@@ -92,6 +97,8 @@ class OutcomePredictor(nn.Module):
         x = features.double()
         model.feature_mean.copy_(x.mean(0))
         model.feature_scale.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
+        model.feature_low.copy_(x.amin(0))
+        model.feature_high.copy_(x.amax(0))
         design = model._design(x, macs_ratio)
         penalty = torch.full((design.shape[1],), float(ridge) * len(x), dtype=torch.float64)
         penalty[:_BUDGET_TERMS] = 1e-9 * len(x)  # the shared, budget-only part stays free

@@ -21,22 +21,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config
-from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_statistics
+from stamp_core.candidates import task_features
+from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_response_hook, channel_statistics
 from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure, score_l1
 from stamp_core.mask_generator import TASK_NORMS, MaskGenerator, kumaraswamy_mean
+from stamp_core.outcome_generator import OutcomeMaskGenerator
 from stamp_core.set_encoder import SetEncoder
+from stamp_core.calibration import __version__, calibrate_masks, spec_from_kept
 from stamp_core.spec import PruneSpec
 
-__version__ = "0.1.0"
 
 _CONFIG_FILE = "pruner.json"
 SCORE_INITS = ("l1", "none")
 #: "faithful": the paper's generator, per-layer heads on the set embedding; "channel": one scorer
-#: shared across channels reads each channel's response statistics too (stamp_core.channel_generator).
-GENERATORS = ("faithful", "channel")
+#: shared across channels reads each channel's response statistics too (stamp_core.channel_generator);
+#: "outcome": picks one of ``candidates`` with a model of deployed outcomes (stamp_core.outcome_generator).
+GENERATORS = ("faithful", "channel", "outcome")
 _WEIGHTS_FILE = "pruner_state_dict.pt"
 
 
@@ -110,6 +112,8 @@ class PrunerConfig:
     #: "faithful" (set embedding -> per-layer heads) or "channel" (per-channel statistics of the
     #: task's sample + a scorer shared across channels and layers); see GENERATORS.
     generator: str = "faithful"
+    #: the outcome generator's candidate masks (stamp_core.candidates names); unused by the other generators.
+    candidates: list[str] = field(default_factory=list)
     version: str = __version__
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +124,8 @@ class PrunerConfig:
             raise ValueError(f"task_norm={self.task_norm!r}: expected one of {', '.join(TASK_NORMS)}")
         if self.generator not in GENERATORS:
             raise ValueError(f"generator={self.generator!r}: expected one of {', '.join(GENERATORS)}")
+        if self.generator == "outcome" and not self.candidates:
+            raise ValueError("generator='outcome' needs candidates: the mask names it chooses from, e.g. ['l1', 'uniform']")
 
 
 class StampPruner(nn.Module):
@@ -140,9 +146,12 @@ class StampPruner(nn.Module):
         self.structure: PrunableStructure = analyze_structure(self.backbone, self.input_shape)
         self.encoder = SetEncoder(self.backbone.feature_dim, config.embed_dim, config.num_heads, config.num_inducing)
         sizes = [g.size for g in self.structure.groups]
+        self.generator: MaskGenerator | OutcomeMaskGenerator
         if config.generator == "channel":
-            self.generator: MaskGenerator = ChannelMaskGenerator(
+            self.generator = ChannelMaskGenerator(
                 sizes, _channel_costs(self.structure), config.embed_dim, config.hidden_dim, task_norm=config.task_norm)
+        elif config.generator == "outcome":
+            self.generator = OutcomeMaskGenerator(sizes, config.candidates)
         else:
             self.generator = MaskGenerator(sizes, config.embed_dim, config.hidden_dim,
                                            zero_init_heads=config.score_init != "none", task_norm=config.task_norm)
@@ -244,8 +253,8 @@ class StampPruner(nn.Module):
     # ------------------------------------------------------------------ forward pieces
     @property
     def reads_channels(self) -> bool:
-        """Whether the generator reads per-channel statistics (``generator: channel``)."""
-        return self.config.generator == "channel"
+        """Whether the generator reads per-channel statistics (``generator: channel`` or ``outcome``)."""
+        return self.config.generator in ("channel", "outcome")
 
     @torch.no_grad()
     def extract_features(
@@ -291,13 +300,29 @@ class StampPruner(nn.Module):
         of the same forward pass. Gradients flow to the encoder, not to the backbone."""
         idx = self.select_support(labels, len(images))
         x, y = images[idx], (None if labels is None else labels[idx])
+        if isinstance(self.generator, OutcomeMaskGenerator):
+            return self._probe_summary(x, y)
         if not self.reads_channels:
             return TaskSummary(self.embed(self.extract_features(x), y))
         feats, responses = self.extract_features(x, channel_responses=True)
         return TaskSummary(self.embed(feats, y), channel_statistics(responses, y))
 
+    def _probe_summary(self, x: torch.Tensor, y: torch.Tensor | None) -> TaskSummary:
+        """The outcome generator's summary: the named task features as the embedding, channel statistics beside."""
+        if y is None:
+            raise ValueError("this pruner's outcome generator reads class labels (class separability, class count): "
+                             "pass one integer label per image")
+        feats, responses = self.extract_features(x, channel_responses=True)
+        stats = channel_statistics(responses, y)
+        with torch.no_grad():
+            logits = self.backbone.classifier(feats)
+        features = task_features(x, y, feats, logits, responses, stats)
+        return TaskSummary(self.generator.predictor.features_tensor(features).float(), stats)
+
     def keep_probabilities(self, summary: TaskSummary | torch.Tensor, macs_ratio: float) -> list[torch.Tensor]:
         """Deterministic per-channel ``E[pi]`` for each group."""
+        if isinstance(self.generator, OutcomeMaskGenerator):
+            raise ValueError("the outcome generator chooses whole masks, it has no keep probabilities: use generate()")
         summary = self._as_summary(summary)
         return [kumaraswamy_mean(a, b) for a, b in self.generator(summary.embedding, macs_ratio, summary.channel_stats)]
 
@@ -340,6 +365,11 @@ class StampPruner(nn.Module):
         try:
             if embedding is None:
                 embedding = self.summarize(x, y)
+            if isinstance(self.generator, OutcomeMaskGenerator):
+                summary = self._as_summary(embedding)
+                chosen = self.generator.choose(summary.embedding.double(), r)
+                return self.generator.build(chosen, summary.channel_stats or [], self.structure, self.backbone.config,
+                                            r, round_to)
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
@@ -410,126 +440,6 @@ class StampPruner(nn.Module):
             )
         pruner.load_state_dict(state)
         return pruner
-
-
-def _fill_budget(counts: np.ndarray, ranked_groups: np.ndarray, start: int, sizes: np.ndarray,
-                 structure: PrunableStructure, budget: float) -> np.ndarray:
-    """Add the next-ranked channels that still fit, skipping those that would exceed the budget.
-
-    MACs grow by steps of different sizes per group (a channel of a wide late layer costs more
-    than one of the stem), so the largest top-M can stop well short of the budget when the next
-    channel is an expensive one; skewed scores left a SynFlow mask at 0.469 of full for r=0.5.
-    Within each group channels are still taken in score order.
-    """
-    taken = np.bincount(ranked_groups[:start], minlength=len(sizes))
-    blocked = np.zeros(len(sizes), dtype=bool)
-    tolerance = 1e-3 * structure.macs_full
-    for g in ranked_groups[start:]:
-        taken[g] += 1
-        if blocked[g] or taken[g] <= counts[g] or counts[g] >= sizes[g]:
-            continue  # already kept (each group's first channel is always kept), full or blocked
-        counts[g] += 1
-        macs = structure.macs(torch.from_numpy(counts).to(structure.device)).item()
-        if macs > budget:
-            counts[g] -= 1
-            # A group's next channel never gets cheaper (other groups only grow): skip g from now on.
-            blocked[g] = True
-        elif budget - macs < tolerance:
-            break
-    return counts
-
-
-def calibrate_masks(
-    probs: Sequence[torch.Tensor],
-    structure: PrunableStructure,
-    macs_ratio: float,
-    round_to: int = 1,
-) -> list[list[int]]:
-    """Kept channel indices per group for the largest global top-M whose MACs fit the budget.
-
-    Channels are ranked by keep probability across all groups (ties: by relative position in
-    their group, so equal scores prune groups evenly). Taking the top M of that ranking is one
-    global threshold; M is found by bisection on the exact MACs model, which is monotone in M.
-    Without rounding, the channels ranked after M that still fit are then added in rank order.
-    Every group keeps at least one channel (``round_to`` of them when rounding).
-    """
-    sizes = [len(p) for p in probs]
-    scores = torch.cat([p.detach().double().flatten().cpu() for p in probs]).numpy()
-    group_of = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])
-    rel_pos = np.concatenate([np.arange(n) / n for n in sizes])
-    order = np.lexsort((rel_pos, -scores))  # primary: score desc; secondary: relative position
-    ranked_groups = group_of[order]
-    budget = macs_ratio * structure.macs_full
-    size_arr = np.array(sizes)
-
-    def counts_for(m: int) -> torch.Tensor:
-        c = np.bincount(ranked_groups[:m], minlength=len(sizes))
-        c = np.minimum(np.maximum(c, 1), size_arr)
-        if round_to > 1:
-            c = np.minimum(np.ceil(c / round_to) * round_to, size_arr)
-        return torch.from_numpy(c.astype(np.float64)).to(structure.device)
-
-    if structure.macs(counts_for(0)).item() > budget:
-        floor = structure.macs(counts_for(0)).item() / structure.macs_full
-        raise ValueError(
-            f"macs_ratio={macs_ratio} is below the smallest reachable ratio {floor:.4f} for this "
-            f"backbone (one channel per group, round_to={round_to}): choose a larger budget"
-        )
-    lo, hi = 0, len(scores)
-    while lo < hi:  # largest m with macs(m) <= budget
-        mid = (lo + hi + 1) // 2
-        if structure.macs(counts_for(mid)).item() <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    counts = counts_for(lo).cpu().numpy().copy()
-    if round_to == 1:
-        counts = _fill_budget(counts, ranked_groups, lo, size_arr, structure, budget)
-    counts = counts.astype(np.int64).tolist()
-    kept = []
-    offset = 0
-    for g, n in enumerate(sizes):
-        local = np.lexsort((np.arange(n), -scores[offset:offset + n]))[: counts[g]]
-        kept.append(sorted(int(i) for i in local))
-        offset += n
-    return kept
-
-
-def spec_from_kept(
-    kept: Sequence[Sequence[int]],
-    structure: PrunableStructure,
-    backbone_config: dict[str, Any],
-    macs_ratio: float | None,
-    version: str = __version__,
-    metadata: dict[str, Any] | None = None,
-) -> PruneSpec:
-    """The PruneSpec keeping ``kept[g]`` channels of group ``g``, with exact MACs and params."""
-    if len(kept) != structure.num_groups:
-        raise ValueError(f"got kept channels for {len(kept)} groups: expected {structure.num_groups}")
-    counts = torch.tensor([len(k) for k in kept], dtype=torch.float64, device=structure.device)
-    return PruneSpec(
-        backbone=dict(backbone_config),
-        input_shape=structure.input_shape,
-        kept={g.name: [int(i) for i in k] for g, k in zip(structure.groups, kept)},
-        group_sizes={g.name: g.size for g in structure.groups},
-        macs_full=structure.macs_full,
-        macs_pruned=int(structure.macs(counts).item()),
-        params_full=structure.params_full,
-        params_pruned=structure.params(counts),
-        macs_ratio_target=macs_ratio,
-        pruner_version=version,
-        metadata=dict(metadata or {}),
-    )
-
-
-def channel_response_hook(into: list[torch.Tensor]):
-    """A forward hook appending the output's spatially pooled post-ReLU response ``(N, C)`` to ``into``."""
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        r = F.relu(out)
-        into.append(r.mean(dim=tuple(range(2, r.ndim))) if r.ndim > 2 else r)
-
-    return hook
 
 
 def _channel_costs(structure: PrunableStructure) -> list[float]:

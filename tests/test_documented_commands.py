@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipeline.config import BenchmarkConfig, ConfigError, MetaTrainConfig, PretrainConfig, TuneConfig, load_config
+from pipeline.config import (BenchmarkConfig, ConfigError, FitPrunerConfig, MetaTrainConfig, OutcomesConfig, PretrainConfig,
+                             TuneConfig, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,8 @@ JOB_MODELS: dict[str, type[BaseModel]] = {
     "meta_train": MetaTrainConfig,
     "tune": TuneConfig,
     "benchmark": BenchmarkConfig,
+    "outcomes": OutcomesConfig,
+    "fit_pruner": FitPrunerConfig,
 }
 _COMMAND_RE = re.compile(r"(?:python jobs/(?P<script>\w+)\.py|stamp (?P<verb>[a-z][a-z-]*))\s.*--config")
 #: a shell operator between words ends the command (a redirection, a pipe, a second command).

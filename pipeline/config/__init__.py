@@ -14,7 +14,7 @@ credentials from ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``. A URI with an embedd
 rejected so it cannot end up in MLflow params or logs.
 
 Modules: ``base`` (the strict base model, checks, shared sections, resolution), ``loading`` (YAML,
-overrides, validation), one per job (``pretrain``, ``meta_train``, ``tune``, ``benchmark``, ``outcomes``).
+overrides, validation), one per job (``pretrain``, ``meta_train``, ``tune``, ``benchmark``, ``outcomes``, ``fit_pruner``).
 ``pipeline.config.load_config`` is a stable name: tools outside the repository import it.
 """
 
@@ -39,6 +39,7 @@ from pipeline.config.benchmark import (
     BenchmarkModel,
     BenchmarkTarget,
 )
+from pipeline.config.fit_pruner import FitMlflowSection, FitPrunerConfig
 from pipeline.config.loading import (
     JobConfig,
     apply_overrides,
@@ -64,6 +65,7 @@ __all__ = [
     "resolved_storage_path", "resolved_tracking_uri", "section_from_dataclass",
     "BENCHMARK_METHODS", "BenchAblationSection", "BenchBBDSection", "BenchFinetuneSection", "BenchLatencySection",
     "BenchmarkConfig", "BenchmarkModel", "BenchmarkTarget",
+    "FitMlflowSection", "FitPrunerConfig",
     "JobConfig", "apply_overrides", "format_validation_error", "load_config", "parse_override", "validate_config",
     "EpisodeSection", "FaultInjection", "MetaTrainConfig", "OptimSection", "PrunerSection", "ValidationSection",
     "DEFAULT_CANDIDATES", "OutcomeFinetuneSection", "OutcomesConfig", "OutcomeTasksSection",

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config.base import ConfigError
 from pipeline.config.benchmark import BenchmarkConfig
+from pipeline.config.fit_pruner import FitPrunerConfig
 from pipeline.config.meta_train import MetaTrainConfig
 from pipeline.config.outcomes import OutcomesConfig
 from pipeline.config.pretrain import PretrainConfig
@@ -23,7 +24,8 @@ _NAMED_MSG_RE = re.compile(r"^([a-z_][a-z0-9_.]*): ")
 
 JobConfig = Union[PretrainConfig, MetaTrainConfig, TuneConfig]
 _KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainConfig, "meta_train": MetaTrainConfig, "tune": TuneConfig,
-                                       "benchmark": BenchmarkConfig, "outcomes": OutcomesConfig}
+                                       "benchmark": BenchmarkConfig, "outcomes": OutcomesConfig,
+                                       "fit_pruner": FitPrunerConfig}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -99,7 +101,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), model: type[M] 
     """Read a YAML config, apply ``key=value`` overrides and validate.
 
     Args:
-        path: YAML file; its ``kind`` (pretrain | meta_train | tune | benchmark | outcomes) picks the model when
+        path: YAML file; its ``kind`` (pretrain | meta_train | tune | benchmark | outcomes | fit_pruner) picks the model when
             ``model`` is not given.
         overrides: ``a.b=value`` strings; values are YAML (``0.001``, ``[2, 5]``, ``true``, ``null``).
         model: the expected config class (the jobs pass theirs).

@@ -83,6 +83,9 @@ class _PrunerBase(Strict):
     def _heads_divide(self) -> "_PrunerBase":
         if self.embed_dim % self.num_heads:  # type: ignore[attr-defined]
             raise ValueError(f"embed_dim: {self.embed_dim} must be a multiple of num_heads ({self.num_heads})")  # type: ignore[attr-defined]
+        if self.generator == "outcome":  # type: ignore[attr-defined]
+            raise ValueError("generator: 'outcome' is fitted from an outcome table (python jobs/fit_pruner.py), "
+                             "not meta-trained by gradient: use 'channel' or 'faithful' here")
         return self
 
 
@@ -93,7 +96,7 @@ PrunerSection = section_from_dataclass(
     bounds={"embed_dim": {"ge": 4}, "num_heads": {"ge": 1}, "num_inducing": {"ge": 1}, "hidden_dim": {"ge": 4},
             "prior_alpha": {"gt": 0}, "temperature": {"gt": 0}},
     choices={"score_init": SCORE_INITS, "task_norm": TASK_NORMS, "generator": GENERATORS},
-    exclude=("backbone", "image_size", "support_per_class", "max_support", "version", "metadata"),
+    exclude=("backbone", "image_size", "support_per_class", "max_support", "version", "metadata", "candidates"),
     base=_PrunerBase,
 )
 

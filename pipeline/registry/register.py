@@ -83,6 +83,8 @@ def pruner_signature() -> Any:
 def _input_example(pruner: StampPruner) -> tuple[np.ndarray, dict[str, Any]]:
     size = pruner.config.image_size
     images = np.random.default_rng(0).integers(0, 256, (2, size, size, pruner.backbone.in_channels), dtype=np.uint8)
+    if pruner.config.generator == "outcome":  # it reads class labels (separability, class count)
+        return images, {"macs_ratio": DEFAULT_MACS_RATIO, "labels": [0, 1]}
     return images, {"macs_ratio": DEFAULT_MACS_RATIO}
 
 

@@ -37,12 +37,12 @@ def meta_yaml(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
-    assert type(cfg).__name__ in {"PretrainConfig", "MetaTrainConfig", "TuneConfig", "BenchmarkConfig"}
+    assert type(cfg).__name__ in {"PretrainConfig", "MetaTrainConfig", "TuneConfig", "BenchmarkConfig", "OutcomesConfig", "FitPrunerConfig"}
 
 
 def test_shipped_configs_cover_every_job() -> None:
     kinds = {type(load_config(p)).__name__ for p in CONFIGS}
-    assert kinds == {"PretrainConfig", "MetaTrainConfig", "TuneConfig", "BenchmarkConfig"}
+    assert kinds == {"PretrainConfig", "MetaTrainConfig", "TuneConfig", "BenchmarkConfig", "OutcomesConfig", "FitPrunerConfig"}
     gpu = load_config(REPO / "jobs/configs/meta_train_resnet18_gpu.yaml", model=MetaTrainConfig)
     assert gpu.scaling.use_gpu and gpu.backbone == "resnet18"
 

@@ -30,6 +30,14 @@ def test_it_learns_which_feature_decides_and_ranks_per_task() -> None:
     assert model(torch.stack([grey, colourful]), torch.tensor([0.3, 0.5])).shape == (2, 3)
 
 
+def test_features_outside_the_fitted_range_are_clipped_to_its_edge() -> None:
+    feats, r, rel = _table()
+    model = OutcomePredictor.fit(feats, r, rel, CANDIDATES, FEATURES, ridge=0.01)
+    edge, far = torch.tensor([0.3, 0.0]), torch.tensor([30.0, 0.0])  # colourfulness 100x the largest seen
+    assert torch.equal(model(far, 0.3), model(edge, 0.3))
+    assert model.rank(far, 0.3)[0] == "l1"
+
+
 def test_a_large_penalty_leaves_the_shared_choice() -> None:
     feats, r, rel = _table()
     shared = OutcomePredictor.fit(feats, r, rel, CANDIDATES, FEATURES, ridge=1e6)

@@ -11,7 +11,8 @@ from stamp_core import MetaConfig, PrunerConfig
 from stamp_core.meta import OBJECTIVES
 
 OPTIMISER_KEYS = {"lr", "backbone_lr", "weight_decay", "grad_clip"}
-SET_BY_THE_JOB = {"backbone", "image_size", "support_per_class", "max_support", "version", "metadata"}
+#: set by the job, or (candidates) used only by the outcome generator, which is fitted, not meta-trained
+SET_BY_THE_JOB = {"backbone", "image_size", "support_per_class", "max_support", "version", "metadata", "candidates"}
 
 
 def _defaults(dc: type) -> dict[str, object]:
