@@ -377,6 +377,35 @@ class StampPruner(nn.Module):
         return spec_from_kept(kept, self.structure, self.backbone.config, r, self.config.version)
 
     @torch.no_grad()
+    def propose(
+        self,
+        images: torch.Tensor | np.ndarray,
+        labels: Sequence[int] | torch.Tensor | np.ndarray | None,
+        macs_ratio: float,
+        k: int,
+        round_to: int = 1,
+        embedding: TaskSummary | torch.Tensor | None = None,
+    ) -> list[PruneSpec]:
+        """The ``k`` masks the generator ranks best for the task, best first (``generate`` returns the first).
+
+        Only the outcome generator ranks whole masks; the others raise ``ValueError``.
+        """
+        if not isinstance(self.generator, OutcomeMaskGenerator):
+            raise ValueError(f"proposing several masks needs a pruner with generator 'outcome' (this one is "
+                             f"{self.config.generator!r}): it ranks whole candidate masks, the others score channels")
+        r = _check_ratio(macs_ratio)
+        x, y = self._on_device(*self.check_images(images, labels))
+        was_training = self.training
+        self.eval()
+        try:
+            summary = self._as_summary(embedding if embedding is not None else self.summarize(x, y))
+        finally:
+            self.train(was_training)
+        ranked = self.generator.predictor.rank(summary.embedding.double(), r)[:max(1, k)]
+        return [self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config, r, round_to)
+                for name in ranked]
+
+    @torch.no_grad()
     def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TaskSummary:
         """Average task summary over ``tasks`` (``(images, labels)`` sets, prepared images): the
         embedding and, for the channel generator, the channel statistics.

@@ -352,6 +352,8 @@ def prune(
     round_to: int = typer.Option(1, min=1, help="Keep a multiple of this many channels per layer group."),
     seed: int = typer.Option(0, help="Seed of the encoder's sample and of fine-tuning."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Also fine-tune the full network the same way; report both."),
+    select: int = typer.Option(1, "--select", min=1, help="Test-time selection: score the pruner's K best-ranked masks by a short fine-tune on a held-out fifth of your training images and deploy the best (outcome pruners; 1 = the one-pass mask)."),
+    select_epochs: int = typer.Option(1, "--select-epochs", min=1, help="With --select: fine-tune epochs of each candidate."),
     register: Optional[str] = typer.Option(None, "--register", help="Register the pruned network in MLflow under this model name."),
     alias: Optional[str] = typer.Option(None, "--alias", help="With --register: point this alias (e.g. production) at the new version."),
     verbose: bool = typer.Option(False, "--verbose", help="Show MLflow's own log lines instead of writing them to OUT/logs/prune.log."),
@@ -371,7 +373,7 @@ def prune(
     with route_output(log) as term:
         progress, results = term.consoles() if log is not None else (console, out)
         report = prune_dataset(model, data, macs_ratio, finetune_epochs, out_dir, round_to=round_to, seed=seed,
-                               compare_full=compare_full, progress=progress)
+                               compare_full=compare_full, progress=progress, select=select, select_epochs=select_epochs)
         # Plain text: the report's Markdown links use brackets that rich would read as markup.
         results.print(report.to_markdown(), markup=False, highlight=False, soft_wrap=True)
         if register:

@@ -61,6 +61,7 @@ from stamp_core import (
     prepare_images,
     prune_for_task,
 )
+from stamp_core.selection import select_mask
 from pipeline.data import ArrayDataset
 
 SPEC_FILE = "spec.json"
@@ -126,6 +127,9 @@ class PruneReport:
     full_accuracy_before_finetune: float | None = None
     full_accuracy: float | None = None
     full_finetune_seconds: float | None = None
+    #: ``select`` > 1: each proposed candidate's accuracy on the selection split (held out of the training
+    #: images) after a short fine-tune, the one-pass choice, and the seconds selection took (in prune_seconds).
+    selection: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -198,6 +202,7 @@ class PruneReport:
             f"| export + checks | {self.export_seconds:.2f} |",
             f"| data in hand -> deployable model | {self.total_seconds:.2f} |",
             "",
+            *self._selection_lines(),
             "Exports (max abs difference of logits vs PyTorch): "
             f"ONNX {_fmt_diff(self.onnx_max_abs_diff)}, TorchScript {_fmt_diff(self.torchscript_max_abs_diff)}.",
             "",
@@ -205,6 +210,17 @@ class PruneReport:
         if KEPT_PLOT in self.files:
             lines += [f"![channels kept per layer]({KEPT_PLOT})", ""]
         return "\n".join(lines)
+
+
+    def _selection_lines(self) -> list[str]:
+        if not self.selection:
+            return []
+        sel = self.selection
+        rows = [f"| `{name}`{' (one-pass)' if name == sel['one_pass'] else ''}{' **chosen**' if name == sel['chosen'] else ''} "
+                f"| {100 * acc:.2f}% |" for name, acc in sel["scores"].items()]
+        return [f"Test-time selection: {len(sel['scores'])} candidate masks, each fine-tuned for {sel['epochs']} epoch(s) "
+                f"on the training images less {sel['split_images']} held out to score them ({sel['seconds']:.1f} s):", "",
+                "| candidate | selection-split accuracy |", "|---|---:|", *rows, ""]
 
 
 def _fmt_diff(v: float | None) -> str:
@@ -475,6 +491,7 @@ class _Pruned:
     full_result: Any | None  #: the same fine-tune of the unpruned net (compare_full)
     embed_seconds: float
     sample_size: int
+    selection: dict[str, Any] | None = None  #: test-time selection (``select`` > 1)
 
 
 def prune_dataset(
@@ -494,6 +511,8 @@ def prune_dataset(
     parity_atol: float = 1e-4,
     finetune: TrainConfig | None = None,
     compare_full: bool = False,
+    select: int = 1,
+    select_epochs: int = 1,
 ) -> PruneReport:
     """Prune a registered pruner's backbone for ``data`` and write a deployable model to ``out_dir``.
 
@@ -516,12 +535,19 @@ def prune_dataset(
         finetune: full fine-tune settings (its ``epochs`` and ``seed`` are overridden).
         compare_full: also fine-tune the unpruned network with the same settings (same start:
             BatchNorm recalibration + prototype head, same epochs, seed and data) and report both.
+        select: > 1 turns on test-time selection: the pruner's ``select`` best-ranked masks are each fine-tuned
+            for ``select_epochs`` on the training images less a held-out fifth per class, and the one that scores
+            best there is deployed (needs a ``generator: outcome`` pruner). 1 = the one-pass mask.
+        select_epochs: the short fine-tune of each candidate when selecting.
 
     Raises:
         ValueError: bad arguments or data. OutputDirError: output not writable or disk full.
         ExportError: an export does not reproduce the model. RegistryError: pruner not found.
     """
     ratio = _check_args(macs_ratio, finetune_epochs, round_to, sample_per_class)
+    for name, value in (("select", select), ("select_epochs", select_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
     if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
         raise ValueError(f"latency_threads={latency_threads!r}: expected an integer >= 1")
     out = Path(out_dir).expanduser().resolve()
@@ -531,10 +557,15 @@ def prune_dataset(
         say("load pruner")
         pruner, pruner_source, pruner_version = locate_pruner(model_uri_or_pruner)
         pruner.eval()
+        if select > 1:  # before loading data: only the outcome generator proposes several masks
+            if pruner.config.generator != "outcome":
+                raise ValueError(f"select={select} needs a pruner with generator 'outcome' (this one is "
+                                 f"{pruner.config.generator!r}): only it ranks whole candidate masks")
         say("load data")
         task = _load_task(pruner, data)
         cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
-        pruned = _prune_for(pruner, task, ratio, cfg, round_to, sample_per_class, compare_full, say)
+        pruned = _prune_for(pruner, task, ratio, cfg, round_to, sample_per_class, compare_full, say,
+                            select=select, select_epochs=select_epochs)
         model = pruned.result.model.eval()
         say("measure MACs, parameters, CPU latency")
         costs = _costs(pruner, model, task, latency_threads)
@@ -584,8 +615,9 @@ def _load_task(pruner: StampPruner, data: ArrayDataset | str) -> _Task:
 
 
 def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig, round_to: int,
-               sample_per_class: int, compare_full: bool, say: "_Steps") -> _Pruned:
-    """Embed a class-balanced sample, prune to ``ratio``, fine-tune (and the full net too, with ``compare_full``)."""
+               sample_per_class: int, compare_full: bool, say: "_Steps", select: int = 1, select_epochs: int = 1) -> _Pruned:
+    """Embed a class-balanced sample, prune to ``ratio`` (choosing among ``select`` proposals by a short fine-tune
+    when ``select`` > 1), fine-tune (and the full net too, with ``compare_full``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         say(f"prune to {ratio:g} of the MACs")
@@ -595,19 +627,32 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
         with torch.no_grad():
             embedding = pruner.summarize(task.x_train[idx], task.y_train[idx])
         embed_seconds = time.perf_counter() - t0
+        selection = None
+        if select > 1:
+            say(f"select among {select} proposed masks ({select_epochs}-epoch fine-tune each on a held-out split)")
+            chosen = select_mask(pruner, task.x_train, task.y_train, ratio, select,
+                                 dataclasses.replace(cfg, epochs=select_epochs), round_to=round_to, seed=cfg.seed)
+            embed_seconds += chosen.seconds
+            selection = {"scores": chosen.scores, "one_pass": chosen.one_pass, "chosen": chosen.spec.metadata.get("candidate"),
+                         "epochs": select_epochs, "split_images": chosen.split_images, "seconds": chosen.seconds}
         if cfg.epochs:
             say(f"fine-tune the pruned net on {len(task.x_train)} images", cfg.epochs, "epochs")
-        result = prune_for_task(
-            pruner, task.x_train, task.y_train, task.x_test, task.y_test, macs_ratio=ratio, finetune=cfg,
-            round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
-        )
+        if selection is not None:
+            result = prune_and_finetune(pruner.backbone, chosen.spec, task.x_train, task.y_train, task.x_test,
+                                        task.y_test, cfg, on_epoch=say.on_epoch)
+        else:
+            result = prune_for_task(
+                pruner, task.x_train, task.y_train, task.x_test, task.y_test, macs_ratio=ratio, finetune=cfg,
+                round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
+            )
         full_result = None
         if compare_full:
             say("fine-tune the full net the same way (reference)", cfg.epochs or None, "epochs")
             torch.manual_seed(cfg.seed)
             full_result = prune_and_finetune(pruner.backbone, None, task.x_train, task.y_train, task.x_test,
                                              task.y_test, cfg, on_epoch=say.on_epoch)
-    return _Pruned(result=result, full_result=full_result, embed_seconds=embed_seconds, sample_size=len(idx))
+    return _Pruned(result=result, full_result=full_result, embed_seconds=embed_seconds, sample_size=len(idx),
+                   selection=selection)
 
 
 def _costs(pruner: StampPruner, model: nn.Module, task: _Task, latency_threads: int) -> dict[str, Any]:
@@ -660,6 +705,7 @@ def _report(out: Path, task: _Task, pruned: _Pruned, costs: dict[str, Any], diff
         total_seconds=prune_seconds + result.finetune_seconds + export_seconds,
         onnx_max_abs_diff=diffs["onnx"], torchscript_max_abs_diff=diffs["torchscript"], history=result.history,
         pruner_version=run["pruner_version"], dataset_sha256=ds.content_sha256(), cpu_count=os.cpu_count(),
+        selection=pruned.selection,
     )
     if full_result is not None:
         report.full_accuracy_before_finetune = full_result.accuracy_before_finetune

@@ -87,3 +87,16 @@ def cross_evaluate(pruner: StampPruner, tasks: dict, summaries: dict, ratio: flo
                 scored[key] = 100 * sum(accs) / len(accs)
             out[f][label] = scored[key]
     return out
+
+
+def l1_accuracy(backbone: torch.nn.Module, tasks: dict, ratio: float) -> dict[str, float]:
+    """Test accuracy (points) of each family's task with L1's mask at ``ratio``, after cross_evaluate's fine-tune."""
+    from stamp_core import analyze_structure
+    from stamp_core.baselines import select_spec
+    from stamp_core.groups import score_l1
+
+    structure = analyze_structure(backbone, (3, 32, 32))
+    spec = select_spec(score_l1(backbone, structure), structure, backbone.config, ratio, normalize=True)
+    finetune = TrainConfig(epochs=2, batch_size=32, lr=0.02, augment=False)
+    return {f: 100 * sum(prune_and_finetune(backbone, spec, x, y, xt, yt, dataclasses.replace(finetune, seed=s)).accuracy
+                         for s in range(2)) / 2 for f, (x, y, xt, yt) in tasks.items()}

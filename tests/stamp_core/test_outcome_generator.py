@@ -80,3 +80,45 @@ def test_labels_are_required_and_keep_probabilities_refused() -> None:
         pruner.keep_probabilities(torch.zeros(len(FEATURE_NAMES)), 0.3)
     with pytest.raises(ValueError, match="generator='outcome' needs candidates"):
         StampPruner.create(build_backbone("small_cnn", 4, width=8), generator="outcome")
+
+
+def test_propose_ranks_whole_masks_and_generate_deploys_the_first() -> None:
+    pruner = _pruner()
+    x, y = _task("color")
+    proposed = pruner.propose(x, y, macs_ratio=0.3, k=3)
+    names = [s.metadata["candidate"] for s in proposed]
+    assert names[0] == "separability_in_tilt+1" and sorted(names) == sorted(CANDIDATES)
+    assert proposed[0].kept == pruner.generate(x, y, macs_ratio=0.3).kept
+    assert len(pruner.propose(x, y, macs_ratio=0.3, k=1)) == 1
+    channel = StampPruner.create(build_backbone("small_cnn", 4, width=8), generator="channel")
+    with pytest.raises(ValueError, match="proposing several masks needs a pruner with generator 'outcome'"):
+        channel.propose(x, y, 0.3, 2)
+
+
+def test_selection_split_holds_out_a_share_of_every_class() -> None:
+    from stamp_core.selection import selection_split
+
+    y = torch.tensor([0] * 10 + [1] * 5 + [2])
+    fit, held = selection_split(y, 0.2, seed=0)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(len(y)))
+    assert torch.bincount(y[held], minlength=3).tolist() == [2, 1, 0]  # a single image is only fitted on
+    assert selection_split(y, 0.2, seed=0)[1].tolist() == held.tolist() != selection_split(y, 0.2, seed=1)[1].tolist()
+    with pytest.raises(ValueError, match=r"fraction=1.0: expected a share in \(0, 1\)"):
+        selection_split(y, 1.0, 0)
+
+
+def test_select_mask_keeps_the_candidate_that_scores_best_on_the_held_out_share() -> None:
+    from stamp_core import TrainConfig
+    from stamp_core.selection import select_mask
+
+    pruner = _pruner()
+    x, y = _task("color", per_class=15)
+    chosen = select_mask(pruner, x, y, 0.3, k=3, finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01), seed=0)
+    assert list(chosen.scores) == [s.metadata["candidate"] for s in pruner.propose(x, y, 0.3, 3)]
+    assert chosen.one_pass == "separability_in_tilt+1" and chosen.split_images == 12  # 3 of 15 per class
+    best = max(chosen.scores.values())
+    assert chosen.scores[chosen.spec.metadata["candidate"]] == best
+    first_best = next(n for n, v in chosen.scores.items() if v == best)  # ties keep the earlier (better-ranked) one
+    assert chosen.spec.metadata["candidate"] == first_best
+    with pytest.raises(ValueError, match="k=0: expected a positive number"):
+        select_mask(pruner, x, y, 0.3, k=0, finetune=TrainConfig(epochs=1))

@@ -250,3 +250,40 @@ def test_dataset_from_s3_shards(pruner_dir: Path, s3_bucket: str, tmp_path: Path
     assert report.class_names == ds.class_names
     assert report.onnx_max_abs_diff is None and not (tmp_path / "out" / "model.onnx").exists()
     assert load_pruned(tmp_path / "out").num_classes == ds.num_classes
+
+
+@pytest.fixture(scope="module")
+def outcome_pruner_dir(tmp_path_factory: pytest.TempPathFactory, pruner_dir: Path) -> Path:
+    """An outcome pruner on the same backbone whose predictor ranks uniform > l1 > tilt+1 for every task."""
+    from stamp_core.candidates import FEATURE_NAMES
+
+    trained = StampPruner.load(pruner_dir)
+    pruner = StampPruner.create(trained.backbone, generator="outcome", candidates=["l1", "uniform", "tilt+1"],
+                                embed_dim=8, num_heads=1, num_inducing=1, hidden_dim=8)
+    pruner.generator.predictor.weight[:, 0] = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    return pruner.save(tmp_path_factory.mktemp("outcome") / "pruner")
+
+
+def test_select_scores_the_proposed_masks_and_deploys_the_best(outcome_pruner_dir: Path, dataset: ArrayDataset,
+                                                               tmp_path: Path) -> None:
+    report = prune_dataset(str(outcome_pruner_dir), dataset, 0.4, 1, tmp_path / "out", progress=False,
+                           select=3, select_epochs=1, export_onnx_model=False, export_torchscript_model=False)
+    sel = report.selection
+    assert sel is not None and list(sel["scores"]) == ["uniform", "l1", "tilt+1"] and sel["one_pass"] == "uniform"
+    assert sel["scores"][sel["chosen"]] == max(sel["scores"].values())
+    assert sel["split_images"] == round(0.2 * 24) * dataset.num_classes  # a fifth of each class, never the test split
+    spec = PruneSpec.load(tmp_path / "out" / "spec.json")
+    assert spec.metadata["candidate"] == sel["chosen"] and spec.macs_pruned <= 0.4 * spec.macs_full
+    assert "Test-time selection: 3 candidate masks" in report.to_markdown()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["selection"]["chosen"] == sel["chosen"]
+    one_pass = prune_dataset(str(outcome_pruner_dir), dataset, 0.4, 1, tmp_path / "one", progress=False,
+                             export_onnx_model=False, export_torchscript_model=False)
+    assert one_pass.selection is None
+    assert PruneSpec.load(tmp_path / "one" / "spec.json").metadata["candidate"] == "uniform"
+
+
+def test_select_needs_an_outcome_pruner(pruner_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="select=2 needs a pruner with generator 'outcome'"):
+        prune_dataset(pruner_dir, DATA_SPEC, 0.5, 0, tmp_path / "a", progress=False, select=2)
+    with pytest.raises(ValueError, match="select=0: expected an integer >= 1"):
+        prune_dataset(pruner_dir, DATA_SPEC, 0.5, 0, tmp_path / "b", progress=False, select=0)
