@@ -196,6 +196,9 @@ class MetaTrainConfig(JobBase):
     checkpoint_every: int = Field(50, ge=1)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     fault_injection: FaultInjection | None = None
+    #: allow the variants that lost their benchmarks, kept only to reproduce old results:
+    #: optim.deployed_gradient plain / budget_neutral, optim.deployed_macs_penalty, pruner.task_norm running (v1).
+    experimental: bool = False
 
     @field_validator("pretrained")
     @classmethod
@@ -228,14 +231,45 @@ class MetaTrainConfig(JobBase):
         if self.pruner.task_norm == "batch" and self.episodes.per_step < 2:
             raise ValueError(
                 f"episodes.per_step: {self.episodes.per_step} episode per step cannot be standardised against "
-                "others: use >= 2 with pruner.task_norm=batch, or pruner.task_norm=running (v1)"
+                "others: use >= 2 with pruner.task_norm=batch (or experimental: true with pruner.task_norm=running, v1)"
             )
         if self.episodes.max_support < self.episodes.ways[1]:
             raise ValueError(
                 f"episodes.max_support: {self.episodes.max_support} is below ways max ({self.episodes.ways[1]}): "
                 "every class needs at least one support image"
             )
+        self._refuse_no_ops_and_losing_variants()
         return self
+
+    def _refuse_no_ops_and_losing_variants(self) -> None:
+        """An option the chosen objective or gradient ignores is a config error, and so is a variant that lost."""
+        optim = self.optim
+        # "set" = differs from its default: a re-validated dump (Ray workers, Tune trials) names every field
+        chosen = {k for k, f in type(optim).model_fields.items() if getattr(optim, k) != f.get_default(call_default_factory=True)}
+        if optim.objective == "deployed":
+            ignored = {"kl_weight", "budget_penalty", "label_free_prob"} | ({"macs_weight"} if not optim.deployed_macs_penalty else set())
+            if optim.deployed_gradient != "layer_es":
+                ignored |= {"es_pairs", "es_sigma"}
+            why = f"objective 'deployed' with deployed_gradient {optim.deployed_gradient!r}"
+        else:
+            ignored = {"deployed_gradient", "deployed_macs_penalty", "es_pairs", "es_sigma"}
+            why = "objective 'relaxed' (they belong to the deployed objective)"
+        set_but_ignored = sorted(chosen & ignored)
+        if set_but_ignored:
+            raise ValueError(f"optim.{set_but_ignored[0]}: {why} ignores {', '.join(set_but_ignored)}: remove "
+                             f"{'it' if len(set_but_ignored) == 1 else 'them'} (or choose the objective that reads "
+                             f"{'it' if len(set_but_ignored) == 1 else 'them'})")
+        if self.experimental:
+            return
+        lost = []
+        if optim.objective == "deployed" and optim.deployed_gradient in ("plain", "budget_neutral"):
+            lost.append(f"optim.deployed_gradient: {optim.deployed_gradient!r} lost to 'layer_es'")
+        if optim.deployed_macs_penalty:
+            lost.append("optim.deployed_macs_penalty: it cost adaptivity in the cross-evaluation")
+        if self.pruner.task_norm == "running":
+            lost.append("pruner.task_norm: 'running' (v1) lost to 'batch'")
+        if lost:
+            raise ValueError(f"{lost[0]}; kept only to reproduce old results: set experimental: true to use it")
 
     def meta_config_hash(self) -> str:
         """Hash of what defines the trajectory; steps, names and infrastructure may change on resume."""

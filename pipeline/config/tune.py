@@ -28,12 +28,16 @@ class SearchRange(Strict):
 
 
 class SearchSpace(Strict):
-    """Tuned hyper-parameters; a dimension left null keeps meta_train's value."""
+    """Tuned hyper-parameters; a dimension left null keeps meta_train's value. The defaults suit the relaxed
+    objective; a deployed-objective template must null ``kl_weight`` and ``macs_weight`` (it ignores them) and
+    may search ``es_sigma`` (layer_es) or ``inner_lr`` instead."""
 
     kl_weight: SearchRange | None = SearchRange(low=1e-6, high=1e-2)
     macs_weight: SearchRange | None = SearchRange(low=1.0, high=100.0)
     lr: SearchRange | None = SearchRange(low=1e-4, high=1e-2)
     backbone_lr: SearchRange | None = SearchRange(low=1e-5, high=1e-3)
+    es_sigma: SearchRange | None = None
+    inner_lr: SearchRange | None = None
 
 
 class AshaSection(Strict):
@@ -82,6 +86,20 @@ class TuneConfig(Strict):
     def _tune_checks(self) -> "TuneConfig":
         if not self.meta_train.validation.enabled:
             raise ValueError("meta_train.validation.enabled: must be true: it is the tuning objective")
+        optim = self.meta_train.optim
+        ignored = []
+        if optim.objective == "deployed":
+            ignored += ["kl_weight"] + ([] if optim.deployed_macs_penalty else ["macs_weight"])
+        if optim.objective != "deployed" or optim.deployed_gradient != "layer_es":
+            ignored.append("es_sigma")
+        if optim.inner_steps == 0:
+            ignored.append("inner_lr")
+        searched = [k for k in ignored if getattr(self.search, k) is not None]
+        if searched:
+            raise ValueError(
+                f"search.{searched[0]}: meta_train.optim (objective {optim.objective!r}, deployed_gradient "
+                f"{optim.deployed_gradient!r}, inner_steps {optim.inner_steps}) ignores {', '.join(searched)}: trials would "
+                f"differ only by noise; set search.{searched[0]}: null and search what this objective reads")
         if self.scheduler.grace_period > self.meta_train.steps:
             raise ValueError(
                 f"scheduler.grace_period: {self.scheduler.grace_period} exceeds meta_train.steps ({self.meta_train.steps})"

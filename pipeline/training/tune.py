@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_accuracy"
 #: Search-space keys: OptimSection fields a trial may override.
-TUNED_KEYS = ("kl_weight", "macs_weight", "lr", "backbone_lr")
+TUNED_KEYS = ("kl_weight", "macs_weight", "lr", "backbone_lr", "es_sigma", "inner_lr")
 
 #: ``on_result(trial_id, metrics, finished)``: a trial's report (``finished=False``) or its end
 #: (``finished=True``, metrics empty); called in the driver process.

@@ -186,3 +186,15 @@ def test_episode_weighting_is_one_of_the_known_schemes() -> None:
     assert MetaTrainConfig(backbone="small_cnn", data={"weighting": "base"}).data.weighting == "base"
     with pytest.raises(ValueError, match="weighting"):
         MetaTrainConfig(backbone="small_cnn", data={"weighting": "popular"})
+
+
+def test_tune_refuses_to_search_what_the_template_objective_ignores() -> None:
+    template = load_config(REPO / "jobs/configs/meta_train_tinyimagenet.yaml").model_dump(mode="json")
+    with pytest.raises(ValueError, match=r"search.kl_weight: meta_train.optim \(objective 'deployed', deployed_gradient "
+                                         r"'layer_es', inner_steps 2\) ignores kl_weight, macs_weight"):
+        TuneConfig.model_validate({"meta_train": template})
+    tuned = TuneConfig.model_validate({"meta_train": template, "search": {
+        "kl_weight": None, "macs_weight": None, "es_sigma": {"low": 0.2, "high": 1.0}, "inner_lr": {"low": 1e-3, "high": 0.1}}})
+    assert tuned.search.es_sigma.high == 1.0
+    with pytest.raises(ValueError, match="search.es_sigma: .*ignores es_sigma"):
+        TuneConfig.model_validate({"search": {"es_sigma": {"low": 0.2, "high": 1.0}}})

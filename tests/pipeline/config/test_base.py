@@ -45,7 +45,27 @@ def test_variant_names_and_bounds_are_enforced_with_the_key_named(tmp_path) -> N
         load_config(cfg, ["optim.es_pairs=65"])
     with pytest.raises(ConfigError, match="pruner.embed_dim: 30 must be a multiple of num_heads \\(4\\)"):
         load_config(cfg, ["pruner.embed_dim=30"])
-    assert load_config(cfg, ["optim.objective=deployed"], MetaTrainConfig).optim.objective == OBJECTIVES[1]
+    deployed = load_config(cfg, ["optim.objective=deployed", "optim.deployed_gradient=layer_es"], MetaTrainConfig)
+    assert deployed.optim.objective == OBJECTIVES[1]
+
+
+def test_options_the_objective_ignores_and_losing_variants_are_refused(tmp_path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("kind: meta_train\nbackbone: small_cnn\n")
+    es = ["optim.objective=deployed", "optim.deployed_gradient=layer_es"]
+    with pytest.raises(ConfigError, match="optim.kl_weight: objective 'deployed' with deployed_gradient 'layer_es' ignores kl_weight, macs_weight"):
+        load_config(cfg, [*es, "optim.kl_weight=0.01", "optim.macs_weight=5"])
+    with pytest.raises(ConfigError, match="optim.es_sigma: objective 'relaxed' .* ignores es_sigma"):
+        load_config(cfg, ["optim.es_sigma=1.0"])
+    with pytest.raises(ConfigError, match="optim.deployed_gradient: 'plain' lost to 'layer_es'.*experimental: true"):
+        load_config(cfg, ["optim.objective=deployed"])
+    with pytest.raises(ConfigError, match="pruner.task_norm: 'running' .v1. lost to 'batch'"):
+        load_config(cfg, ["pruner.task_norm=running"])
+    old = load_config(cfg, ["optim.objective=deployed", "optim.deployed_macs_penalty=true", "optim.macs_weight=5",
+                            "experimental=true"], MetaTrainConfig)
+    assert old.optim.deployed_gradient == "plain" and old.optim.deployed_macs_penalty
+    # a dump read back (what Ray workers and Tune trials receive) names every field and is still valid
+    assert MetaTrainConfig.model_validate(load_config(cfg, [*es, "optim.es_pairs=2"]).model_dump(mode="json"))
 
 
 def test_a_section_naming_a_field_the_dataclass_lacks_is_refused() -> None:

@@ -96,3 +96,25 @@ def test_a_table_of_other_weights_is_refused(table: tuple[str, str], tmp_path: P
     cfg = FitPrunerConfig(table=path, pretrained=str(tmp_path / "other"), mlflow={"enabled": False})
     with pytest.raises(ConfigError, match="is not the backbone the table was measured on"):
         fit_outcome_pruner(cfg)
+
+
+def test_the_named_recipe_runs_end_to_end_through_its_job(table: tuple[str, str], tmp_path: Path, capsys) -> None:
+    """jobs/configs/stamp_outcome_natural.yaml, as its header runs it, on a small table (the only overrides:
+    where the table, the backbone and the pruner are, and MLflow off)."""
+    import importlib.util
+    import sys
+
+    path, source = table
+    repo = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("fit_pruner_job", repo / "jobs" / "fit_pruner.py")
+    job = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(repo / "jobs"))
+    try:
+        spec.loader.exec_module(job)
+        code = job.main(["--config", str(repo / "jobs/configs/stamp_outcome_natural.yaml"), f"table={path}",
+                         f"pretrained={source}", f"out_dir={tmp_path / 'p'}", "mlflow.enabled=false"])
+    finally:
+        sys.path.remove(str(repo / "jobs"))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["tasks"] == 24 and summary["ridge"] in (0.3, 3.0, 30.0)
+    assert StampPruner.load(tmp_path / "p").config.candidates == sorted(CANDIDATES)
