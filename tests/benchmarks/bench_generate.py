@@ -3,13 +3,14 @@
 Figures (medians; the machine is shared, so ratios matter more than absolutes):
 
 1. generate() incl. feature extraction for a 400-image set at 32x32, against one plain forward pass
-   of the same 400 images through the backbone (the floor), for both generators (the channel
-   generator also pools every gated channel's response in that pass). Target: resnet18 <= 1.2x;
-   resnet20 < 1 s.
+   of the same 400 images through the backbone (the floor), for every generator (the channel and outcome
+   generators also pool every gated channel's response in that pass; the outcome generator then computes the
+   task features, ranks its candidates and calibrates the chosen one, L1's allocation included). Target:
+   resnet18 <= 1.2x; resnet20 < 1 s; the outcome generator <= 1.2x (issue 25).
 2. CPU latency at batch 64 of the pruned net / the full net at r = 0.3 for vgg19 and resnet18,
    against the MACs ratio. Target: latency ratio within 1.5x of the MACs ratio.
 
-Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel] [--skip-latency]
+Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel outcome] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from pipeline.config import DEFAULT_CANDIDATES
 from stamp_core import StampPruner, measure_latency
 
 
@@ -35,7 +37,8 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def bench_generate(name: str, repeats: int, generator: str = "faithful") -> dict[str, float]:
     torch.manual_seed(0)
-    pruner = StampPruner.create(name, 10, generator=generator).eval()
+    extra = {"candidates": list(DEFAULT_CANDIDATES)} if generator == "outcome" else {}
+    pruner = StampPruner.create(name, 10, generator=generator, **extra).eval()
     x = torch.rand(400, 3, 32, 32) * 2 - 1
     y = torch.arange(400) % 10
 
@@ -63,7 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--generators", nargs="+", default=["faithful", "channel"], choices=["faithful", "channel"])
+    parser.add_argument("--generators", nargs="+", default=["faithful", "channel", "outcome"],
+                        choices=["faithful", "channel", "outcome"])
     parser.add_argument("--skip-latency", action="store_true", help="only the generate() figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ Every cell, from data in hand (the decoded training subset of the target):
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import time
 from collections.abc import Callable
@@ -363,9 +364,14 @@ class _Inputs:
         """The cell's fingerprint (config + input contents); "unavailable" when an input fails to load."""
         try:
             m, t = self.model_of(c.backbone, c.weights), self.target_of(c.target)
-            contents = {"pruner": m.hashes["pruner"], "target": t.hash}
+            contents = {"target": t.hash}
             if c.weights == "pretrained":
                 contents["pretrained"] = m.hashes["pretrained"]
+            if c.weights == "meta" or c.method.startswith("stamp"):
+                contents["pruner"] = m.hashes["pruner"]
+            else:  # a baseline on the pretrained weights does not depend on the pruner: another pruner reuses it
+                arch = {k: v for k, v in m.pruner.backbone.config.items() if k != "num_classes"}
+                contents["architecture"] = json.dumps([arch, list(m.input_shape)], sort_keys=True)
             if c.method.startswith(CROSS_PREFIX):
                 contents["source"] = self.target_of(c.mask_source).hash
         except Exception:  # noqa: BLE001 - recorded per cell when it runs

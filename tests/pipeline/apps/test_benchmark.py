@@ -181,6 +181,24 @@ def test_resume_keys_on_contents_not_paths(tmp_path: Path) -> None:
     assert len(run_benchmark(cfg, out, progress=False).computed) == 3
 
 
+def test_another_pruner_of_the_same_backbone_reuses_the_baselines_on_the_pretrained_weights(
+        tiny: tuple[Path, Path, float], tmp_path: Path) -> None:
+    """Baselines on the pretrained weights do not depend on the pruner: a second pruner (copy the first run's
+    results.csv to its out_dir) recomputes its own cells only; on the meta-trained weights everything depends on it."""
+    _, pretrained, _ = tiny
+    first = _tiny_pruner(seed=0).save(tmp_path / "first")
+    second = _tiny_pruner(seed=3).save(tmp_path / "second")
+    out = tmp_path / "out"
+    cfg = _config(first, pretrained, methods=["full", "l1", "stamp"], weights=["pretrained"])
+    assert len(run_benchmark(cfg, out, progress=False).computed) == 3
+    redo = run_benchmark(_config(second, pretrained, methods=["full", "l1", "stamp"], weights=["pretrained"]), out,
+                         progress=False).computed
+    assert [c.split("|")[3] for c in redo] == ["stamp"]
+    both = run_benchmark(_config(first, pretrained, methods=["l1"], weights=["meta"]), out, progress=False).computed
+    assert len(both) == 1 and len(run_benchmark(_config(second, pretrained, methods=["l1"], weights=["meta"]), out,
+                                                progress=False).computed) == 1
+
+
 def test_every_mask_runs_on_both_weight_sets_and_the_adaptivity_cells(tiny: tuple[Path, Path, float], tmp_path: Path) -> None:
     pruner_dir, pretrained, _ = tiny
     cfg = _config(pruner_dir, pretrained, methods=["full", "l1", "stamp", "stamp_mean"],
