@@ -155,6 +155,10 @@ class BenchmarkConfig(Strict):
     device: str = "cpu"
     #: recompute cells recorded as failed when the run is resumed.
     retry_failed: bool = True
+    #: other runs' results.csv files: a cell of this grid recorded there with the same fingerprint (the same
+    #: settings and input contents) is copied into this run instead of computed, e.g. the baselines on the same
+    #: pretrained weights when benchmarking a second pruner of the backbone.
+    reuse_results: list[str] = Field(default_factory=list)
     mlflow: MlflowSection = Field(default_factory=lambda: MlflowSection(experiment="stamp-benchmark"))
 
     @field_validator("name")

@@ -296,6 +296,11 @@ def run_benchmark(
     cells = plan_cells(cfg)
     latest: dict[str, dict[str, Any]] = {row_id(row): row for row in read_results(csv_path)}
     todo, skipped, prints = ([], [], {}) if report_only else _to_run(cfg, cells, latest, inputs)
+    if todo and cfg.reuse_results:
+        todo, reused = _reuse(cfg, todo, prints, csv_path, latest)
+        skipped += reused
+        if reused:
+            say(f"benchmark {cfg.name}: {len(reused)} cells copied from {', '.join(cfg.reuse_results)}")
     shard = f" (shard {cfg.shard})" if cfg.shard_index()[1] > 1 else ""
     say(f"benchmark {cfg.name}: {len(cells)} cells, {len(skipped)} already done, {len(todo)} to run{shard} -> {out}")
 
@@ -388,6 +393,28 @@ class _Inputs:
             self.train_cache[key][c.mask_source] = train_tensors(self.target_of(c.mask_source), m.input_shape, c.seed,
                                                                  self.cfg.max_train_per_class)
         return self.train_cache[key]
+
+
+def _reuse(cfg: BenchmarkConfig, todo: list[CellKey], prints: dict[str, str], csv_path: Path,
+           latest: dict[str, dict[str, Any]]) -> tuple[list[CellKey], list[str]]:
+    """Copy the cells of ``todo`` that another run recorded with the same fingerprint; return (still to run, copied)."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in cfg.reuse_results:
+        if not Path(path).is_file():
+            raise BenchmarkError(f"reuse_results: {path} does not exist (a results.csv of another benchmark run)")
+        for row in read_results(path):
+            if row["status"] == "ok" and row.get("fingerprint") not in (None, "unavailable"):
+                found[row_id(row)] = row
+    remaining, copied = [], []
+    for cell in todo:
+        row = found.get(cell.id)
+        if row is not None and row["fingerprint"] == prints[cell.id]:
+            append_row(csv_path, row)
+            latest[cell.id] = row
+            copied.append(cell.id)
+        else:
+            remaining.append(cell)
+    return remaining, copied
 
 
 def _to_run(cfg: BenchmarkConfig, cells: list[CellKey], latest: dict[str, dict[str, Any]],

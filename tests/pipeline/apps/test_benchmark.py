@@ -183,17 +183,24 @@ def test_resume_keys_on_contents_not_paths(tmp_path: Path) -> None:
 
 def test_another_pruner_of_the_same_backbone_reuses_the_baselines_on_the_pretrained_weights(
         tiny: tuple[Path, Path, float], tmp_path: Path) -> None:
-    """Baselines on the pretrained weights do not depend on the pruner: a second pruner (copy the first run's
-    results.csv to its out_dir) recomputes its own cells only; on the meta-trained weights everything depends on it."""
+    """Baselines on the pretrained weights do not depend on the pruner: a second pruner's run reuses them from the
+    first run's results.csv (``reuse_results``) and computes its own cells only; on the meta-trained weights
+    everything depends on the pruner."""
     _, pretrained, _ = tiny
     first = _tiny_pruner(seed=0).save(tmp_path / "first")
     second = _tiny_pruner(seed=3).save(tmp_path / "second")
     out = tmp_path / "out"
     cfg = _config(first, pretrained, methods=["full", "l1", "stamp"], weights=["pretrained"])
     assert len(run_benchmark(cfg, out, progress=False).computed) == 3
-    redo = run_benchmark(_config(second, pretrained, methods=["full", "l1", "stamp"], weights=["pretrained"]), out,
-                         progress=False).computed
-    assert [c.split("|")[3] for c in redo] == ["stamp"]
+    again = _config(second, pretrained, methods=["full", "l1", "stamp"], weights=["pretrained"],
+                    reuse_results=[str(out / "results.csv")])
+    result = run_benchmark(again, tmp_path / "second-out", progress=False)
+    assert [c.split("|")[3] for c in result.computed] == ["stamp"] and len(result.skipped) == 2
+    assert {r["method"] for r in result.rows} == {"full", "l1", "stamp"}  # copied rows are in its own table
+    assert run_benchmark(again, tmp_path / "second-out", progress=False).computed == []
+    with pytest.raises(BenchmarkError, match="reuse_results: .*nope.csv does not exist"):
+        run_benchmark(_config(second, pretrained, methods=["l1"], weights=["pretrained"], budgets=[0.6],
+                              reuse_results=[str(tmp_path / "nope.csv")]), tmp_path / "third", progress=False)
     both = run_benchmark(_config(first, pretrained, methods=["l1"], weights=["meta"]), out, progress=False).computed
     assert len(both) == 1 and len(run_benchmark(_config(second, pretrained, methods=["l1"], weights=["meta"]), out,
                                                 progress=False).computed) == 1
