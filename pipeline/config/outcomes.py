@@ -37,6 +37,9 @@ class OutcomeTasksSection(Strict):
     dev_per_class: int = Field(50, ge=1)
     #: images per class of the sample one forward pass reads (what a pruner sees at prune time).
     sample_per_class: int = Field(20, ge=1)
+    #: source patterns whose training images the backbone was pretrained on (e.g. tin-*): their tasks come
+    #: from the dataset's test split instead, so no mask is measured on memorised images (fewer per class).
+    unseen_split_for: list[str] = Field(default_factory=list)
 
     @field_validator("ways")
     @classmethod

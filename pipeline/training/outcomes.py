@@ -1,7 +1,8 @@
 """The outcome table: how candidate masks do after the real fine-tune, on many source tasks, filled by Ray tasks.
 
 Each *task* of the plan is a class subset of one source dataset with its own training and dev images (both
-from the dataset's training split; its test split stays for meta-validation). One Ray task per task probes
+from the dataset's training split, or from its test split for datasets the backbone was pretrained on:
+``tasks.unseen_split_for``). One Ray task per task probes
 the sample once (:func:`stamp_core.candidates.probe_task`: the features a pruner sees at prune time), then
 prunes the backbone with every candidate at every budget, fine-tunes it as ``stamp prune`` does and scores it
 on the dev images. It writes one JSON *part* per task under ``<storage_path>/<run_name>/parts/``; a re-run
@@ -13,6 +14,7 @@ Read the table back with :func:`load_outcome_table`.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import time
@@ -89,10 +91,15 @@ def plan_tasks(cfg: OutcomesConfig, catalog: Catalog, sources: list[str]) -> lis
 # =============================================================================== one task (a Ray task)
 
 
+def task_split(cfg: OutcomesConfig, dataset: str) -> str:
+    """The split a task's images come from: ``test`` for datasets the backbone was pretrained on, else ``train``."""
+    return "test" if any(fnmatch.fnmatchcase(dataset, p) for p in cfg.tasks.unseen_split_for) else "train"
+
+
 def _task_arrays(cfg: OutcomesConfig, task: OutcomeTask, catalog_url: str, endpoint: str | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_dev, y_dev, sample_index)`` of the task, labels 0..K-1, images prepared."""
-    x, y = load_split_arrays(catalog_url, task.dataset, "train", endpoint_url=endpoint)
+    x, y = load_split_arrays(catalog_url, task.dataset, task_split(cfg, task.dataset), endpoint_url=endpoint)
     rng = np.random.default_rng(task.seed)
     train, dev = [], []
     for new, c in enumerate(task.classes):
@@ -135,7 +142,8 @@ def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any],
                 rows.append({"r": r, "candidate": name, "seed": seed, "accuracy": round(float(result.accuracy), 5),
                              "macs_ratio": round(spec.macs_pruned / spec.macs_full, 5),
                              "kept_fractions": [round(f, 4) for f in kept_fractions(spec, structure)]})
-    return {"task_id": task.task_id, "dataset": task.dataset, "classes": list(task.classes), "ways": len(task.classes),
+    return {"task_id": task.task_id, "dataset": task.dataset, "split": task_split(cfg, task.dataset),
+            "classes": list(task.classes), "ways": len(task.classes),
             "train_images": len(y), "dev_images": len(y_dev), "features": probe.features, "rows": rows,
             "backbone": backbone["source"], "stamp_version": stamp_version,
             "seconds": round(time.perf_counter() - t0, 1)}

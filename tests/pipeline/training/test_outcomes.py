@@ -71,6 +71,22 @@ def test_score_task_records_every_cell_and_the_features(local_catalog: str, back
     assert json.loads(json.dumps(record)) == record  # a part is plain JSON
 
 
+def test_datasets_the_backbone_was_pretrained_on_give_tasks_of_their_test_split(local_catalog: str, backbone_dir: str) -> None:
+    from pipeline.training.outcomes import task_split
+
+    cfg = _config(local_catalog, backbone_dir, tasks={"ways": [2, 2], "train_per_class": 8, "dev_per_class": 6,
+                                                      "sample_per_class": 4, "unseen_split_for": ["blob*"]})
+    assert (task_split(cfg, "blobs"), task_split(cfg, "stripes")) == ("test", "train")
+    cfg, catalog, sources, _ = prepare_outcomes(cfg)
+    from pipeline.data import load_backbone_dir
+
+    net = load_backbone_dir(Path(backbone_dir))
+    task = next(t for t in plan_tasks(cfg, catalog, sources) if t.dataset == "blobs")
+    record = score_task(cfg, task, {"config": net.config, "state": net.state_dict(), "source": backbone_dir}, local_catalog, None)
+    # 12 test images per class: a third held out to score (4), the rest to fine-tune (8)
+    assert record["split"] == "test" and (record["dev_images"], record["train_images"]) == (4 * 2, 8 * 2)
+
+
 def test_a_config_without_named_sources_or_with_a_bad_candidate_is_refused(local_catalog: str, backbone_dir: str) -> None:
     with pytest.raises(ValueError, match="data.sources: name the source datasets"):
         _config(local_catalog, backbone_dir, data={"catalog_url": local_catalog, "sources": "all"})
