@@ -13,7 +13,7 @@ best *shared* candidate at each budget: adaptivity is what the feature terms add
 gradient, so the model is small, exact to refit and cheap to evaluate (microseconds, against one forward pass
 of the sample for the features). A task's features are clipped to the range seen in fitting first, so a task
 unlike every source (say, 242 classes where sources had 5-20) gets the prediction of the nearest edge of the
-table rather than a linear extrapolation.
+table rather than a linear extrapolation; a budget outside the fitted ones is read as the nearest fitted one.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class OutcomePredictor(nn.Module):
         self.register_buffer("feature_scale", torch.ones(n, dtype=torch.float64))
         self.register_buffer("feature_low", torch.full((n,), -torch.inf, dtype=torch.float64))
         self.register_buffer("feature_high", torch.full((n,), torch.inf, dtype=torch.float64))
+        self.register_buffer("budget_range", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(len(self.candidates), _BUDGET_TERMS + 2 * n, dtype=torch.float64))
 
     def features_tensor(self, features: dict[str, float]) -> torch.Tensor:
@@ -59,7 +60,7 @@ class OutcomePredictor(nn.Module):
     def _design(self, features: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         clipped = torch.minimum(torch.maximum(features.double(), self.feature_low), self.feature_high)
         z = (clipped - self.feature_mean) / self.feature_scale
-        r = r.double().reshape(-1, 1)
+        r = r.double().reshape(-1, 1).clamp(float(self.budget_range[0]), float(self.budget_range[1]))
         return torch.cat([torch.ones_like(r), r, r * r, z, z * r], dim=1)
 
     def forward(self, features: torch.Tensor, macs_ratio: float | torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,7 @@ class OutcomePredictor(nn.Module):
         model.feature_scale.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
         model.feature_low.copy_(x.amin(0))
         model.feature_high.copy_(x.amax(0))
+        model.budget_range.copy_(torch.stack([macs_ratio.double().min(), macs_ratio.double().max()]))
         design = model._design(x, macs_ratio)
         penalty = torch.full((design.shape[1],), float(ridge) * len(x), dtype=torch.float64)
         penalty[:_BUDGET_TERMS] = 1e-9 * len(x)  # the shared, budget-only part stays free

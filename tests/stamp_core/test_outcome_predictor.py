@@ -36,6 +36,7 @@ def test_features_outside_the_fitted_range_are_clipped_to_its_edge() -> None:
     edge, far = torch.tensor([0.3, 0.0]), torch.tensor([30.0, 0.0])  # colourfulness 100x the largest seen
     assert torch.equal(model(far, 0.3), model(edge, 0.3))
     assert model.rank(far, 0.3)[0] == "l1"
+    assert torch.equal(model(edge, 0.95), model(edge, 0.7)) and torch.equal(model(edge, 0.01), model(edge, 0.1))
 
 
 def test_a_large_penalty_leaves_the_shared_choice() -> None:
