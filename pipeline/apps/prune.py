@@ -500,19 +500,11 @@ def prune_dataset(
     macs_ratio: float,
     finetune_epochs: int,
     out_dir: str | os.PathLike[str],
-    round_to: int = 1,
-    seed: int = 0,
-    sample_per_class: int = 20,
-    progress: bool | Any = True,
+    round_to: int = 1, seed: int = 0, sample_per_class: int = 20, progress: bool | Any = True,
     *,
-    latency_threads: int = 1,
-    export_onnx_model: bool = True,
-    export_torchscript_model: bool = True,
-    parity_atol: float = 1e-4,
-    finetune: TrainConfig | None = None,
-    compare_full: bool = False,
-    select: int = 1,
-    select_epochs: int = 1,
+    latency_threads: int = 1, export_onnx_model: bool = True, export_torchscript_model: bool = True,
+    parity_atol: float = 1e-4, finetune: TrainConfig | None = None, compare_full: bool = False,
+    select: int = 1, select_epochs: int = 1,
 ) -> PruneReport:
     """Prune a registered pruner's backbone for ``data`` and write a deployable model to ``out_dir``.
 
@@ -544,56 +536,85 @@ def prune_dataset(
         ValueError: bad arguments or data. OutputDirError: output not writable or disk full.
         ExportError: an export does not reproduce the model. RegistryError: pruner not found.
     """
-    ratio = _check_args(macs_ratio, finetune_epochs, round_to, sample_per_class)
-    for name, value in (("select", select), ("select_epochs", select_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-    if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
-        raise ValueError(f"latency_threads={latency_threads!r}: expected an integer >= 1")
+    ratio = _check_run_args(macs_ratio, finetune_epochs, round_to, sample_per_class, select, select_epochs,
+                            latency_threads)
     out = Path(out_dir).expanduser().resolve()
     staging = _open_output(out)  # before any work: a bad output directory fails in milliseconds
     say = _Steps(progress)
     try:
         say("load pruner")
-        pruner, pruner_source, pruner_version = locate_pruner(model_uri_or_pruner)
-        pruner.eval()
-        if select > 1:  # before loading data: only the outcome generator proposes several masks
-            if pruner.config.generator != "outcome":
-                raise ValueError(f"select={select} needs a pruner with generator 'outcome' (this one is "
-                                 f"{pruner.config.generator!r}): only it ranks whole candidate masks")
+        pruner, pruner_source, pruner_version = _load_pruner(model_uri_or_pruner, select)
         say("load data")
         task = _load_task(pruner, data)
         cfg = dataclasses.replace(finetune or default_finetune(), epochs=finetune_epochs, seed=seed)
         pruned = _prune_for(pruner, task, ratio, cfg, round_to, sample_per_class, compare_full, say,
                             select=select, select_epochs=select_epochs)
-        model = pruned.result.model.eval()
-        say("measure MACs, parameters, CPU latency")
-        costs = _costs(pruner, model, task, latency_threads)
-        say("export ONNX + TorchScript and check them")
-        t1 = time.perf_counter()
-        blobs, spec, diffs = _exports(model, pruned.result.spec, task, parity_atol, export_onnx_model,
-                                      export_torchscript_model)
-        export_seconds = time.perf_counter() - t1
-        report = _report(out, task, pruned, costs, diffs, export_seconds, pruner_source=pruner_source,
-                         pruner_version=pruner_version, ratio=ratio, round_to=round_to, seed=seed,
-                         finetune_epochs=finetune_epochs, latency_threads=latency_threads)
-        report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
-        blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
-        blobs[REPORT_MD] = report.to_markdown().encode()
-        blobs[SPEC_FILE] = spec.to_json(indent=2).encode()
+        report, blobs = _deployable(pruner, task, pruned, out, say, parity_atol=parity_atol, onnx=export_onnx_model,
+                                    torchscript=export_torchscript_model, pruner_source=pruner_source,
+                                    pruner_version=pruner_version, ratio=ratio, round_to=round_to, seed=seed,
+                                    finetune_epochs=finetune_epochs, latency_threads=latency_threads)
         say(f"write {out}")
         _commit(staging, out, blobs)
-        say.finish(
-            f"{report.macs_ratio:.3f} of the MACs, accuracy "
-            f"{'n/a' if report.accuracy is None else f'{100 * report.accuracy:.1f}%'}, "
-            f"{report.total_seconds:.1f} s data -> deployable"
-        )
+        say.finish(_summary(report))
     except BaseException as exc:
         say.fail(exc)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _check_run_args(macs_ratio: float, finetune_epochs: int, round_to: int, sample_per_class: int, select: int,
+                    select_epochs: int, latency_threads: int) -> float:
+    """Every argument of :func:`prune_dataset` that needs checking, before any work; returns the MACs ratio."""
+    ratio = _check_args(macs_ratio, finetune_epochs, round_to, sample_per_class)
+    for name, value in (("select", select), ("select_epochs", select_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+    if isinstance(latency_threads, bool) or not isinstance(latency_threads, int) or latency_threads < 1:
+        raise ValueError(f"latency_threads={latency_threads!r}: expected an integer >= 1")
+    return ratio
+
+
+def _load_pruner(source: StampPruner | str | os.PathLike[str], select: int) -> tuple[StampPruner, str, str | None]:
+    """The pruner in eval mode, where it came from and its registry version; checks it can serve ``select``."""
+    pruner, pruner_source, pruner_version = locate_pruner(source)
+    pruner.eval()
+    if select > 1:  # before loading data: only the outcome generator proposes several masks
+        if pruner.config.generator != "outcome":
+            raise ValueError(f"select={select} needs a pruner with generator 'outcome' (this one is "
+                             f"{pruner.config.generator!r}): only it ranks whole candidate masks")
+    return pruner, pruner_source, pruner_version
+
+
+def _deployable(pruner: StampPruner, task: _Task, pruned: _Pruned, out: Path, say: "_Steps", *, parity_atol: float,
+                onnx: bool, torchscript: bool, **run: Any) -> tuple[PruneReport, dict[str, bytes]]:
+    """Measure the pruned net, export and check it, and build every output file in memory.
+
+    ``run`` holds what :func:`_report` records of the call (pruner source and version, ratio, seed, ...).
+    """
+    model = pruned.result.model.eval()
+    say("measure MACs, parameters, CPU latency")
+    costs = _costs(pruner, model, task, run["latency_threads"])
+    say("export ONNX + TorchScript and check them")
+    t1 = time.perf_counter()
+    blobs, spec, diffs = _exports(model, pruned.result.spec, task, parity_atol, onnx, torchscript)
+    export_seconds = time.perf_counter() - t1
+    report = _report(out, task, pruned, costs, diffs, export_seconds, **run)
+    report.files = {name: str(out / name) for name in _COMMIT_ORDER if name in blobs or name in (SPEC_FILE, REPORT_JSON, REPORT_MD)}
+    blobs[REPORT_JSON] = json.dumps(report.to_dict(), indent=2, sort_keys=True).encode()
+    blobs[REPORT_MD] = report.to_markdown().encode()
+    blobs[SPEC_FILE] = spec.to_json(indent=2).encode()
+    return report, blobs
+
+
+def _summary(report: PruneReport) -> str:
+    """The closing progress line: MACs share, accuracy and time from data to deployable model."""
+    return (
+        f"{report.macs_ratio:.3f} of the MACs, accuracy "
+        f"{'n/a' if report.accuracy is None else f'{100 * report.accuracy:.1f}%'}, "
+        f"{report.total_seconds:.1f} s data -> deployable"
+    )
 
 
 def _load_task(pruner: StampPruner, data: ArrayDataset | str) -> _Task:

@@ -240,6 +240,53 @@ class EpisodeCounts:
         return out
 
 
+def _checked_ways(ways: tuple[int, int]) -> tuple[int, int]:
+    """``ways`` as ints, checked: 1 <= min <= max."""
+    lo, hi = int(ways[0]), int(ways[1])
+    if not 1 <= lo <= hi:
+        raise ValueError(f"ways must be (min, max) with 1 <= min <= max, got {ways}")
+    return lo, hi
+
+
+def _checked_sizes(support_per_class: int, max_support: int, query_size: int, macs_ratio_range: tuple[float, float],
+                   steps_per_epoch: int, rank: int, world_size: int, max_open_streams: int) -> tuple[float, float]:
+    """Check :class:`EpisodeSampler`'s sizes, budget range and place in the job; returns the budget range as floats."""
+    if support_per_class < 1 or max_support < 1 or query_size < 1:
+        raise ValueError(
+            f"support_per_class ({support_per_class}), max_support ({max_support}) and "
+            f"query_size ({query_size}) must be >= 1"
+        )
+    r_lo, r_hi = float(macs_ratio_range[0]), float(macs_ratio_range[1])
+    if not 0.0 < r_lo <= r_hi <= 1.0:
+        raise ValueError(f"macs_ratio_range must satisfy 0 < r_min <= r_max <= 1, got {macs_ratio_range}")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    if max_open_streams < 1:
+        raise ValueError(f"max_open_streams must be >= 1, got {max_open_streams}")
+    return r_lo, r_hi
+
+
+def _sampled_entries(catalog: Catalog | None, catalog_url: str | None, datasets: list[str] | None, split: str,
+                     min_ways: int, endpoint_url: str | None) -> tuple[list[str], dict[str, CatalogEntry]]:
+    """The names to sample (as given, or every catalogued dataset) and their entries, each with ``split`` and
+    at least ``min_ways`` classes."""
+    if catalog is None:
+        if catalog_url is None:
+            raise ValueError("pass catalog_url or catalog")
+        catalog = Catalog.load(catalog_url, missing_ok=False, endpoint_url=endpoint_url)
+    names = list(datasets) if datasets is not None else catalog.names()
+    if not names:
+        raise ValueError(f"no datasets to sample from: the catalog at {catalog_url} is empty")
+    entries = {n: catalog.get(n) for n in names}
+    for n, entry in entries.items():
+        entry.split(split)
+        if entry.num_classes < min_ways:
+            raise ValueError(f"dataset {n!r} has {entry.num_classes} classes, fewer than ways min {min_ways}")
+    return names, entries
+
+
 class EpisodeSampler(IterableDataset):
     """Iterable of :class:`Episode` streamed from catalogued datasets; ``steps_per_epoch`` per epoch.
 
@@ -312,35 +359,10 @@ class EpisodeSampler(IterableDataset):
         max_open_streams: int = 8,
     ) -> None:
         super().__init__()
-        lo, hi = int(ways[0]), int(ways[1])
-        if not 1 <= lo <= hi:
-            raise ValueError(f"ways must be (min, max) with 1 <= min <= max, got {ways}")
-        if support_per_class < 1 or max_support < 1 or query_size < 1:
-            raise ValueError(
-                f"support_per_class ({support_per_class}), max_support ({max_support}) and "
-                f"query_size ({query_size}) must be >= 1"
-            )
-        r_lo, r_hi = float(macs_ratio_range[0]), float(macs_ratio_range[1])
-        if not 0.0 < r_lo <= r_hi <= 1.0:
-            raise ValueError(f"macs_ratio_range must satisfy 0 < r_min <= r_max <= 1, got {macs_ratio_range}")
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        if max_open_streams < 1:
-            raise ValueError(f"max_open_streams must be >= 1, got {max_open_streams}")
-        if catalog is None:
-            if catalog_url is None:
-                raise ValueError("pass catalog_url or catalog")
-            catalog = Catalog.load(catalog_url, missing_ok=False, endpoint_url=endpoint_url)
-        names = list(datasets) if datasets is not None else catalog.names()
-        if not names:
-            raise ValueError(f"no datasets to sample from: the catalog at {catalog_url} is empty")
-        self.entries = {n: catalog.get(n) for n in names}
-        for n, entry in self.entries.items():
-            entry.split(split)
-            if entry.num_classes < lo:
-                raise ValueError(f"dataset {n!r} has {entry.num_classes} classes, fewer than ways min {lo}")
+        lo, hi = _checked_ways(ways)
+        r_lo, r_hi = _checked_sizes(support_per_class, max_support, query_size, macs_ratio_range, steps_per_epoch,
+                                    rank, world_size, max_open_streams)
+        names, self.entries = _sampled_entries(catalog, catalog_url, datasets, split, lo, endpoint_url)
         probs = dataset_weights(self.entries, weighting, split, weights)
         self.names = names
         self.probs = np.array([probs[n] for n in names])
@@ -366,12 +388,7 @@ class EpisodeSampler(IterableDataset):
         self._states: dict[tuple[int, int], _WorkerState] = {}
         self._timing = {"data_wait_s": 0.0, "episodes": 0}
         self._next_epoch: int | None = None
-        need = self._need(lo)
-        if need > self.buffer_per_class:
-            raise ValueError(
-                f"buffer_per_class {self.buffer_per_class} < {need} images per class that a "
-                f"{lo}-way episode needs (support + query share)"
-            )
+        self._check_buffer(lo)
 
     # ---------------------------------------------------------------------------- public
 
@@ -470,6 +487,15 @@ class EpisodeSampler(IterableDataset):
 
     def _need(self, k: int) -> int:
         return self._support_per_class(k) + math.ceil(self.query_size / k)
+
+    def _check_buffer(self, lo: int) -> None:
+        """The buffers must hold what the smallest episode needs per class, or it could never be drawn."""
+        need = self._need(lo)
+        if need > self.buffer_per_class:
+            raise ValueError(
+                f"buffer_per_class {self.buffer_per_class} < {need} images per class that a "
+                f"{lo}-way episode needs (support + query share)"
+            )
 
     def _episode(self, state: _WorkerState, rng: np.random.Generator, worker_id: int) -> Episode:
         share = state.shares[int(rng.choice(len(state.shares), p=state.probs))]

@@ -188,36 +188,62 @@ def ingest_dataset(
     catalog_url = s3.absolute_location(catalog_url or catalog_url_for(dest))
     prefix = s3.join_url(dest, ds.name)
     previous = load_entry(catalog_url, ds.name, endpoint_url=endpoint_url)
-    previous_urls = set(previous.shard_urls) if previous is not None else set()
-    withdrawn = False
-    splits: dict[str, SplitInfo] = {}
     total = sum(len(y) for _, y in ds.splits.values())
     with tempfile.TemporaryDirectory(prefix="stamp-ingest-") as tmp, _progress(progress) as bar:
+        uploader = _ShardUploader(Path(tmp), prefix, catalog_url, ds.name, endpoint_url, previous)
         task = bar.add_task(f"ingest {ds.name}", total=total)
+        splits: dict[str, SplitInfo] = {}
         for split, (x, y) in ds.splits.items():
             shards: list[ShardInfo] = []
             for index, start in enumerate(range(0, len(y), shard_size)):
-                name = shard_name(split, index)
-                url = s3.join_url(prefix, name)
-                local = Path(tmp) / name
-                count = write_shard(local, x[start : start + shard_size], y[start : start + shard_size], start)
-                sha = s3.sha256_file(local)
-                size = local.stat().st_size
-                info = s3.head(url, endpoint_url=endpoint_url)
-                unchanged = info is not None and _existing_sha(url, info, size) == sha
-                if not unchanged:
-                    if url in previous_urls and not withdrawn:
-                        _withdraw_entry(catalog_url, ds.name, endpoint_url)
-                        withdrawn = True
-                    s3.upload_file(local, url, metadata={_SHA_META_KEY: sha}, endpoint_url=endpoint_url)
-                local.unlink()
-                shard = ShardInfo(url=url, sha256=sha, samples=count)
+                shard, uploaded = uploader.put(shard_name(split, index), x[start : start + shard_size],
+                                               y[start : start + shard_size], start)
                 shards.append(shard)
-                bar.advance(task, count)
+                bar.advance(task, shard.samples)
                 if on_shard is not None:
-                    on_shard(shard, not unchanged)
+                    on_shard(shard, uploaded)
             splits[split] = SplitInfo(shards=tuple(shards), samples=sum(s.samples for s in shards))
-    entry = CatalogEntry(
+    entry = _record_entry(catalog_url, _new_entry(ds, splits, lineage), endpoint_url)
+    if compact:
+        compact_catalog(catalog_url, endpoint_url=endpoint_url)
+    _delete_stale(prefix, set(entry.shard_urls), endpoint_url)
+    return entry
+
+
+class _ShardUploader:
+    """Writes shards in a local directory and puts them under the dataset prefix unless identical bytes are there.
+
+    Withdraws the current catalog entry (once) before the first shard it references is overwritten.
+    """
+
+    def __init__(self, tmp: Path, prefix: str, catalog_url: str, name: str, endpoint_url: str | None,
+                 previous: CatalogEntry | None) -> None:
+        self.tmp, self.prefix, self.endpoint_url = tmp, prefix, endpoint_url
+        self.catalog_url, self.name = catalog_url, name
+        self.previous_urls = set(previous.shard_urls) if previous is not None else set()
+        self.withdrawn = False
+
+    def put(self, name: str, images: np.ndarray, labels: np.ndarray, first_index: int) -> tuple[ShardInfo, bool]:
+        """The shard ``name`` in place, and whether it was uploaded (False: an identical object was there)."""
+        url = s3.join_url(self.prefix, name)
+        local = self.tmp / name
+        count = write_shard(local, images, labels, first_index)
+        sha = s3.sha256_file(local)
+        size = local.stat().st_size
+        info = s3.head(url, endpoint_url=self.endpoint_url)
+        unchanged = info is not None and _existing_sha(url, info, size) == sha
+        if not unchanged:
+            if url in self.previous_urls and not self.withdrawn:
+                _withdraw_entry(self.catalog_url, self.name, self.endpoint_url)
+                self.withdrawn = True
+            s3.upload_file(local, url, metadata={_SHA_META_KEY: sha}, endpoint_url=self.endpoint_url)
+        local.unlink()
+        return ShardInfo(url=url, sha256=sha, samples=count), not unchanged
+
+
+def _new_entry(ds: ArrayDataset, splits: dict[str, SplitInfo], lineage: dict[str, str] | None) -> CatalogEntry:
+    """The catalog entry of ``ds`` with these shards, created now."""
+    return CatalogEntry(
         name=ds.name,
         num_classes=ds.num_classes,
         class_names=tuple(ds.class_names),
@@ -227,14 +253,15 @@ def ingest_dataset(
         source=ds.source,
         **(lineage or {}),
     )
-    current = load_entry(catalog_url, ds.name, endpoint_url=endpoint_url)
+
+
+def _record_entry(catalog_url: str, entry: CatalogEntry, endpoint_url: str | None) -> CatalogEntry:
+    """Write ``entry`` to the catalog, keeping the current ``created_at`` (and not writing) when the content is the same."""
+    current = load_entry(catalog_url, entry.name, endpoint_url=endpoint_url)
     if current is not None and current.same_content(entry):
         entry = replace(entry, created_at=current.created_at)
     if current is None or current != entry:
         put_entry(catalog_url, entry, endpoint_url=endpoint_url)
-    if compact:
-        compact_catalog(catalog_url, endpoint_url=endpoint_url)
-    _delete_stale(prefix, set(entry.shard_urls), endpoint_url)
     return entry
 
 

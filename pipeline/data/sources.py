@@ -305,42 +305,13 @@ def load_image_folder(
     class_names = [p.name for p in _class_dirs(split_roots["train" if pre_split else "all"])]
     if not class_names:
         raise ValueError(f"{root}: no class subfolders (expected {root}/<class>/<image>.png)")
-    files: dict[str, list[tuple[Path, int]]] = {}
-    for split, split_root in split_roots.items():
-        entries: list[tuple[Path, int]] = []
-        for label, cls in enumerate(class_names):
-            folder = split_root / cls
-            images = _image_files(folder) if folder.is_dir() else []
-            if not images and not (pre_split and split == "test" and not folder.exists()):
-                raise ValueError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            entries.extend((img, label) for img in images)
-        files[split] = entries
+    # A pre-split folder may lack a test folder for a class; a class folder without images is an error.
+    files = {split: _labelled_files(split_root, class_names, missing_ok=pre_split and split == "test")
+             for split, split_root in split_roots.items()}
     loaded = {split: [_read_image(p) for p, _ in entries] for split, entries in files.items()}
-    all_images = [img for imgs in loaded.values() for img in imgs]
-    grayscale = all(img.mode in ("L", "1", "I;16", "I") for img in all_images)
-    mode = "L" if grayscale else "RGB"
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    first_size: tuple[tuple[int, int], Path] | None = None
-    for split, imgs in loaded.items():
-        pixels = []
-        for (file_path, _), img in zip(files[split], imgs):
-            img = img.convert(mode)
-            if image_size is not None:
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            elif first_size is None:
-                first_size = (img.size, file_path)
-            elif img.size != first_size[0]:
-                raise ValueError(
-                    f"{root}: images differ in size ({first_size[1]} is {first_size[0][0]}x"
-                    f"{first_size[0][1]}, {file_path} is {img.size[0]}x{img.size[1]}); "
-                    "pass image_size= to resize them"
-                )
-            arr = np.asarray(img, dtype=np.uint8)
-            pixels.append(arr[..., None] if arr.ndim == 2 else arr)
-        labels = np.array([label for _, label in files[split]], dtype=np.int64)
-        shape = pixels[0].shape if pixels else (1, 1, 1 if grayscale else 3)
-        stacked = np.stack(pixels) if pixels else np.zeros((0, *shape), np.uint8)
-        arrays[split] = (stacked, labels)
+    grayscale = all(img.mode in ("L", "1", "I;16", "I") for imgs in loaded.values() for img in imgs)
+    pixels = _pixels(root, files, loaded, "L" if grayscale else "RGB", image_size)
+    arrays = {split: _stacked(pixels[split], files[split], grayscale) for split in files}
     if pre_split:
         (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     else:
@@ -358,6 +329,53 @@ def load_image_folder(
         class_names=class_names,
         source=f"folder:{root}",
     )
+
+
+def _labelled_files(split_root: Path, class_names: list[str], missing_ok: bool) -> list[tuple[Path, int]]:
+    """(image file, label) of every class folder under ``split_root``; ``missing_ok``: a class folder may be absent."""
+    entries: list[tuple[Path, int]] = []
+    for label, cls in enumerate(class_names):
+        folder = split_root / cls
+        images = _image_files(folder) if folder.is_dir() else []
+        if not images and not (missing_ok and not folder.exists()):
+            raise ValueError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        entries.extend((img, label) for img in images)
+    return entries
+
+
+def _pixels(root: Path, files: dict[str, list[tuple[Path, int]]], loaded: dict[str, list[Image.Image]], mode: str,
+            image_size: int | None) -> dict[str, list[np.ndarray]]:
+    """Each split's images as uint8 ``(H, W, C)`` arrays in ``mode``, resized to ``image_size`` if given.
+
+    Without ``image_size`` every image (all splits) must have the first one's size.
+    """
+    pixels: dict[str, list[np.ndarray]] = {}
+    first_size: tuple[tuple[int, int], Path] | None = None
+    for split, imgs in loaded.items():
+        pixels[split] = []
+        for (file_path, _), img in zip(files[split], imgs):
+            img = img.convert(mode)
+            if image_size is not None:
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            elif first_size is None:
+                first_size = (img.size, file_path)
+            elif img.size != first_size[0]:
+                raise ValueError(
+                    f"{root}: images differ in size ({first_size[1]} is {first_size[0][0]}x"
+                    f"{first_size[0][1]}, {file_path} is {img.size[0]}x{img.size[1]}); "
+                    "pass image_size= to resize them"
+                )
+            arr = np.asarray(img, dtype=np.uint8)
+            pixels[split].append(arr[..., None] if arr.ndim == 2 else arr)
+    return pixels
+
+
+def _stacked(pixels: list[np.ndarray], files: list[tuple[Path, int]], grayscale: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split; an empty split keeps a placeholder image shape."""
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    shape = pixels[0].shape if pixels else (1, 1, 1 if grayscale else 3)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, *shape), np.uint8)
+    return stacked, labels
 
 
 def import_torchvision_datasets() -> Any:

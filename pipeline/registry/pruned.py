@@ -84,18 +84,8 @@ def log_pruned_model(
     Raises:
         RegistryError: ``model_dir`` is not a pruned model, the store is unreachable or refused.
     """
-    import mlflow
-
     src = Path(model_dir)
-    missing = [f for f in (SPEC_FILE, WEIGHTS_FILE) if not (src / f).is_file()]
-    if missing:
-        raise RegistryError(f"{src} is not a pruned model directory: missing {', '.join(missing)} (written by `stamp prune`)")
-    # Fail here, before anything is sent, if the weights do not load into the spec's architecture.
-    try:
-        load_pruned_model(src / SPEC_FILE, src / WEIGHTS_FILE)
-    except ValueError as exc:
-        raise RegistryError(f"cannot register {src}: {exc}") from None
-    spec = PruneSpec.load(src / SPEC_FILE)
+    spec = _checked_spec(src)
     num_classes = int(spec.metadata.get("num_classes") or spec.backbone.get("num_classes"))
     raw_shape = spec.metadata.get("image_shape")
     image_shape = tuple(int(v) for v in raw_shape) if raw_shape else None
@@ -109,46 +99,86 @@ def log_pruned_model(
         tempfile.TemporaryDirectory(prefix="stamp-log-pruned-") as tmp,
         _wrapped(f"logging pruned network {name!r}"),
     ):
-        staged = Path(tmp) / PRUNED_ARTIFACT
-        staged.mkdir()
-        for f in (SPEC_FILE, WEIGHTS_FILE):
-            shutil.copy2(src / f, staged / f)
-        artifacts = {PRUNED_ARTIFACT: str(staged)}
-        if (src / ONNX_FILE).is_file():
-            artifacts[ONNX_ARTIFACT] = str(src / ONNX_FILE)
+        artifacts = _stage_artifacts(src, Path(tmp))
         code_dir = _stage_code(Path(tmp) / "code")
         example_shape = image_shape or (int(spec.input_shape[1]), int(spec.input_shape[2]), int(spec.input_shape[0]))
         example = np.random.default_rng(0).integers(0, 256, (2, *example_shape), dtype=np.uint8)
         with open_run(None, experiment_id, f"{name}-register") as run:
-            if lineage:
-                mlflow.log_params({f"lineage.{k}": _param_value(k, v) for k, v in lineage.items() if v is not None})
-            if metrics:
-                mlflow.log_metrics(metrics)
-            mlflow.set_tags(tags)
-            for path in report_files:
-                mlflow.log_artifact(str(path), "report")
-            info = mlflow.pyfunc.log_model(
-                name=PRUNED_MODEL_ARTIFACT_NAME,
-                python_model=str(PRUNED_PYFUNC_MODEL_FILE),
-                artifacts=artifacts,
-                code_paths=[str(code_dir)],
-                signature=pruned_signature(image_shape, num_classes),
-                input_example=example,
-                pip_requirements=_requirements(),
-                registered_model_name=name,
-                metadata={"stamp": {
-                    "kind": "pruned-network",
-                    "class_names": list(spec.metadata.get("class_names") or []),
-                    "dataset": spec.metadata.get("dataset"),
-                    "backbone": spec.backbone,
-                }},
-            )
+            _log_run_records(lineage, metrics, tags, report_files)
+            info = _log_pyfunc(name, spec, artifacts, code_dir, pruned_signature(image_shape, num_classes), example)
             version = str(info.registered_model_version)
-            for key, value in tags.items():
-                client.set_model_version_tag(name, version, key, value)
-            if description:
-                client.update_model_version(name, version, description=_description(description))
+            _annotate_version(client, name, version, tags, description)
             run_id = run.info.run_id
     if alias:
         set_alias(name, alias, version, tracking_uri=uri)
     return RegisteredModel(name=name, version=version, model_uri=info.model_uri, run_id=run_id)
+
+
+def _checked_spec(src: Path) -> PruneSpec:
+    """The spec of the pruned model in ``src``, once its weights are known to load into it."""
+    missing = [f for f in (SPEC_FILE, WEIGHTS_FILE) if not (src / f).is_file()]
+    if missing:
+        raise RegistryError(f"{src} is not a pruned model directory: missing {', '.join(missing)} (written by `stamp prune`)")
+    # Fail here, before anything is sent, if the weights do not load into the spec's architecture.
+    try:
+        load_pruned_model(src / SPEC_FILE, src / WEIGHTS_FILE)
+    except ValueError as exc:
+        raise RegistryError(f"cannot register {src}: {exc}") from None
+    return PruneSpec.load(src / SPEC_FILE)
+
+
+def _stage_artifacts(src: Path, tmp: Path) -> dict[str, str]:
+    """The model's artifacts: spec + weights copied under ``tmp``, and the ONNX export when ``src`` has one."""
+    staged = tmp / PRUNED_ARTIFACT
+    staged.mkdir()
+    for f in (SPEC_FILE, WEIGHTS_FILE):
+        shutil.copy2(src / f, staged / f)
+    artifacts = {PRUNED_ARTIFACT: str(staged)}
+    if (src / ONNX_FILE).is_file():
+        artifacts[ONNX_ARTIFACT] = str(src / ONNX_FILE)
+    return artifacts
+
+
+def _log_run_records(lineage: Mapping[str, Any] | None, metrics: Mapping[str, float], tags: Mapping[str, str],
+                     report_files: Sequence[str | Path]) -> None:
+    """Lineage params, metrics, tags and the report files of the active run."""
+    import mlflow
+
+    if lineage:
+        mlflow.log_params({f"lineage.{k}": _param_value(k, v) for k, v in lineage.items() if v is not None})
+    if metrics:
+        mlflow.log_metrics(metrics)
+    mlflow.set_tags(tags)
+    for path in report_files:
+        mlflow.log_artifact(str(path), "report")
+
+
+def _log_pyfunc(name: str, spec: PruneSpec, artifacts: dict[str, str], code_dir: Path, signature: Any,
+                example: np.ndarray) -> Any:
+    """Log the models-from-code pyfunc in the active run and register it as a new version of ``name``."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name=PRUNED_MODEL_ARTIFACT_NAME,
+        python_model=str(PRUNED_PYFUNC_MODEL_FILE),
+        artifacts=artifacts,
+        code_paths=[str(code_dir)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=_requirements(),
+        registered_model_name=name,
+        metadata={"stamp": {
+            "kind": "pruned-network",
+            "class_names": list(spec.metadata.get("class_names") or []),
+            "dataset": spec.metadata.get("dataset"),
+            "backbone": spec.backbone,
+        }},
+    )
+
+
+def _annotate_version(client: Any, name: str, version: str, tags: Mapping[str, str], description: str | None) -> None:
+    """The version's tags (lineage and metrics) and its description, cut to what MLflow keeps."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=_description(description))

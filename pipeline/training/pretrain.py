@@ -150,103 +150,25 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
     device = ctx.device
     set_threads(cfg.scaling.cpus_per_worker, device)
     data = _read_rank_share(cfg, setup, labels, ctx.rank, ctx.world_size)
-    n_local = len(data)
-    n = n_local
-    if is_distributed(ctx):  # every rank must take the same number of steps (DDP would hang otherwise)
-        t = torch.tensor([n_local], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        n = int(t.item())
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    num_classes = sum(s["num_classes"] for s in labels)
-
-    start_epoch = 0
-    history: list[float] = []  # test top-1 after each epoch: the early-stopping rule reads it
-    with ctx.checkpoint_dir() as ckpt:
-        if ckpt is not None:
-            model = load_backbone_dir(ckpt)
-            state = json.loads((ckpt / STATE_FILE).read_text())
-            opt_state = load_weights(ckpt / OPTIMIZER_FILE, device)
-            start_epoch = int(state["epoch"])
-            history = [float(a) for a in state.get("test_accuracy_history", [])]
-        else:
-            torch.manual_seed(cfg.seed)
-            model = build_backbone(cfg.backbone, num_classes, **cfg.backbone_kwargs)
-            opt_state = None
+    steps_per_epoch = max(1, _fewest_samples(len(data), ctx, device) // cfg.batch_size)
+    # history: test top-1 after each epoch; the early-stopping rule reads it
+    model, opt_state, start_epoch, history = _restore_or_build(cfg, ctx, labels)
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    net: torch.nn.Module = model
-    if is_distributed(ctx):
-        broadcast_state(model)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    eval_sets: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if ctx.rank == 0 and cfg.eval_samples > 0:
-        for spec in labels:
-            try:
-                x, y = load_split_arrays(setup.catalog_url, spec["dataset"], "test", endpoint_url=setup.s3_endpoint)
-            except KeyError:
-                continue  # no test split: train accuracy only
-            keep = np.random.default_rng(cfg.seed).permutation(len(y))[: cfg.eval_samples]
-            if len(keep):
-                eval_sets.append((prepare_images(x[keep], cfg.data.image_size), torch.as_tensor(y[keep] + spec["offset"])))
-
+    optimizer = _optimizer(model, cfg, opt_state)
+    net = _distributed(model, ctx, device)
+    eval_sets = _eval_sets(cfg, ctx, setup, labels)
     tracker = Tracker(setup.tracking_uri, setup.mlflow_run_id, cfg.mlflow.enabled and ctx.rank == 0)
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
-        order = rng.permutation(n_local)[: steps_per_epoch * cfg.batch_size]
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
-        loss_sum = correct = seen = 0.0
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total_steps, cfg.lr)
-            xb, yb = data.batch(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]), cfg.data.image_size)
-            if cfg.augment:
-                xb = random_crop_flip(xb, cfg.crop_padding, cfg.hflip, gen)
-            xb, yb = xb.to(device), yb.to(device)
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += float((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-        local = {"loss": loss_sum / seen, "train_accuracy": correct / seen, "_samples": seen,
-                 "_wall": time.perf_counter() - t0}
-        agg = mean_over_ranks(local, ctx, device, sums=("_samples",), maxes=("_wall",))
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": agg["loss"], "train_accuracy": agg["train_accuracy"],
-                                   "samples_per_s": agg["_samples"] / agg["_wall"],
-                                   "lr": float(optimizer.param_groups[0]["lr"])}
+        metrics = _train_epoch(net, optimizer, data, cfg, ctx, epoch, steps_per_epoch)
         with tempfile.TemporaryDirectory(prefix="stamp-ckpt-", ignore_cleanup_errors=True) as tmp:
             ckpt_dir = None
             if ctx.rank == 0:
-                if eval_sets:
-                    accs = [evaluate_accuracy(model, x.to(device), y.to(device)) for x, y in eval_sets]
-                    metrics["test_accuracy"] = float(np.mean(accs))
-                    history.append(metrics["test_accuracy"])
-                    stop = cfg.early_stop_epochs is not None and has_converged(
-                        history, cfg.early_stop_epochs, cfg.early_stop_min_gain)
-                    metrics["converged"] = int(stop)
-                ckpt_dir = Path(tmp) / "ckpt"
-                save_backbone(ckpt_dir, model, {"image_size": cfg.data.image_size, "labels": labels,
-                                                "epoch": epoch + 1, "run_name": cfg.run_name})
-                torch.save(optimizer.state_dict(), ckpt_dir / OPTIMIZER_FILE)
-                write_json_atomic(ckpt_dir / STATE_FILE, {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                                                    "config_hash": cfg.config_hash(exclude=("run_name", "epochs")),
-                                                    "test_accuracy_history": history,
-                                                    "mlflow_run_id": setup.mlflow_run_id, "run_name": cfg.run_name})
+                _evaluate(metrics, model, eval_sets, history, cfg, device)
+                ckpt_dir = _save_checkpoint(Path(tmp) / "ckpt", model, optimizer, cfg, setup, labels, history,
+                                            epoch, steps_per_epoch)
                 tracker.log(metrics, epoch + 1)
-                acc = f" test_acc {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else ""
-                emit(ctx, f"[stamp pretrain {cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
-                      f"train_acc {metrics['train_accuracy']:.3f}{acc} {metrics['samples_per_s']:.0f} img/s")
+                _print_epoch(ctx, cfg, metrics, epoch)
             ctx.report(metrics, ckpt_dir, f"{CHECKPOINT_PREFIX}{epoch + 1:08d}")
         last = metrics
         if _stop_on_every_rank(bool(metrics.get("converged", 0)), ctx, device):
@@ -254,6 +176,129 @@ def pretrain_worker(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
                       f"the last {cfg.early_stop_epochs} epochs gained less than {cfg.early_stop_min_gain:.3f}")
             break
     return last
+
+
+def _fewest_samples(n_local: int, ctx: WorkerContext, device: torch.device) -> int:
+    """The smallest rank's sample count: every rank must take the same number of steps (DDP would hang otherwise)."""
+    if not is_distributed(ctx):
+        return n_local
+    t = torch.tensor([n_local], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _restore_or_build(cfg: PretrainConfig, ctx: WorkerContext, labels: list[dict[str, Any]],
+                      ) -> tuple[Backbone, dict[str, Any] | None, int, list[float]]:
+    """Model, optimizer state, first epoch and test top-1 history from the last checkpoint, else a fresh seeded model."""
+    with ctx.checkpoint_dir() as ckpt:
+        if ckpt is None:
+            torch.manual_seed(cfg.seed)
+            num_classes = sum(s["num_classes"] for s in labels)
+            return build_backbone(cfg.backbone, num_classes, **cfg.backbone_kwargs), None, 0, []
+        model = load_backbone_dir(ckpt)
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        opt_state = load_weights(ckpt / OPTIMIZER_FILE, ctx.device)
+        history = [float(a) for a in state.get("test_accuracy_history", [])]
+        return model, opt_state, int(state["epoch"]), history
+
+
+def _optimizer(model: torch.nn.Module, cfg: PretrainConfig, opt_state: dict[str, Any] | None) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    return optimizer
+
+
+def _distributed(model: torch.nn.Module, ctx: WorkerContext, device: torch.device) -> torch.nn.Module:
+    """The module to train: ``model`` itself, or under DDP with every rank starting from rank 0's weights."""
+    if not is_distributed(ctx):
+        return model
+    broadcast_state(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _eval_sets(cfg: PretrainConfig, ctx: WorkerContext, setup: WorkerSetup,
+               labels: list[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank 0's seeded sample of each source's test split (joint labels); empty on the other ranks."""
+    eval_sets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if ctx.rank != 0 or cfg.eval_samples <= 0:
+        return eval_sets
+    for spec in labels:
+        try:
+            x, y = load_split_arrays(setup.catalog_url, spec["dataset"], "test", endpoint_url=setup.s3_endpoint)
+        except KeyError:
+            continue  # no test split: train accuracy only
+        keep = np.random.default_rng(cfg.seed).permutation(len(y))[: cfg.eval_samples]
+        if len(keep):
+            eval_sets.append((prepare_images(x[keep], cfg.data.image_size), torch.as_tensor(y[keep] + spec["offset"])))
+    return eval_sets
+
+
+def _train_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, data: _JointData, cfg: PretrainConfig,
+                 ctx: WorkerContext, epoch: int, steps_per_epoch: int) -> dict[str, Any]:
+    """One epoch of this rank's share; the epoch's metrics averaged over ranks."""
+    device = ctx.device
+    total_steps = steps_per_epoch * cfg.epochs
+    net.train()
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
+    order = rng.permutation(len(data))[: steps_per_epoch * cfg.batch_size]
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 131 + ctx.rank)
+    loss_sum = correct = seen = 0.0
+    for i in range(steps_per_epoch):
+        step = epoch * steps_per_epoch + i
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, total_steps, cfg.lr)
+        xb, yb = data.batch(np.sort(order[i * cfg.batch_size:(i + 1) * cfg.batch_size]), cfg.data.image_size)
+        if cfg.augment:
+            xb = random_crop_flip(xb, cfg.crop_padding, cfg.hflip, gen)
+        xb, yb = xb.to(device), yb.to(device)
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(yb)
+        correct += float((logits.argmax(1) == yb).sum())
+        seen += len(yb)
+    local = {"loss": loss_sum / seen, "train_accuracy": correct / seen, "_samples": seen,
+             "_wall": time.perf_counter() - t0}
+    agg = mean_over_ranks(local, ctx, device, sums=("_samples",), maxes=("_wall",))
+    return {"epoch": epoch + 1, "loss": agg["loss"], "train_accuracy": agg["train_accuracy"],
+            "samples_per_s": agg["_samples"] / agg["_wall"], "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def _evaluate(metrics: dict[str, Any], model: torch.nn.Module, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
+              history: list[float], cfg: PretrainConfig, device: torch.device) -> None:
+    """Rank 0: add the mean test top-1 and the early-stopping verdict to ``metrics`` (and the top-1 to ``history``)."""
+    if not eval_sets:
+        return
+    accs = [evaluate_accuracy(model, x.to(device), y.to(device)) for x, y in eval_sets]
+    metrics["test_accuracy"] = float(np.mean(accs))
+    history.append(metrics["test_accuracy"])
+    stop = cfg.early_stop_epochs is not None and has_converged(history, cfg.early_stop_epochs, cfg.early_stop_min_gain)
+    metrics["converged"] = int(stop)
+
+
+def _save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: PretrainConfig,
+                     setup: WorkerSetup, labels: list[dict[str, Any]], history: list[float], epoch: int,
+                     steps_per_epoch: int) -> Path:
+    """Write the backbone, the optimizer and ``state.json`` of the finished ``epoch`` to ``ckpt_dir``."""
+    save_backbone(ckpt_dir, model, {"image_size": cfg.data.image_size, "labels": labels,
+                                    "epoch": epoch + 1, "run_name": cfg.run_name})
+    torch.save(optimizer.state_dict(), ckpt_dir / OPTIMIZER_FILE)
+    write_json_atomic(ckpt_dir / STATE_FILE, {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                                              "config_hash": cfg.config_hash(exclude=("run_name", "epochs")),
+                                              "test_accuracy_history": history,
+                                              "mlflow_run_id": setup.mlflow_run_id, "run_name": cfg.run_name})
+    return ckpt_dir
+
+
+def _print_epoch(ctx: WorkerContext, cfg: PretrainConfig, metrics: dict[str, Any], epoch: int) -> None:
+    acc = f" test_acc {metrics['test_accuracy']:.3f}" if "test_accuracy" in metrics else ""
+    emit(ctx, f"[stamp pretrain {cfg.run_name}] epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
+              f"train_acc {metrics['train_accuracy']:.3f}{acc} {metrics['samples_per_s']:.0f} img/s")
 
 
 def _stop_on_every_rank(stop: bool, ctx: WorkerContext, device: torch.device) -> bool:

@@ -324,20 +324,46 @@ def run_tune(cfg: TuneConfig, *, on_result: TrialHandler | None = None) -> TuneR
         ConfigError: the template does not fit the catalog (checked before Ray starts).
         RuntimeError: no trial produced a validation result.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    import ray.tune  # noqa: F401 - without Ray, fail before the MLflow parent run is created
 
     storage = resolved_storage_path(cfg.storage_path or cfg.meta_train.storage_path)
     mt = trial_template(cfg, storage)
     parent_run_id = _parent_run(cfg, mt)
+    tuner = _tuner(cfg, mt, storage, parent_run_id, on_result)
+    grid, trials, best = _fit(tuner, mt, parent_run_id)
+    found = latest_run_checkpoint(mt.storage_path or storage, best.run_name)
+    if found is None:
+        raise RuntimeError(f"best trial {best.trial_id} left no checkpoint under {mt.storage_path}/{best.run_name}")
+    checkpoint, _ = found
+    pruner_dir = checkpoint_to_local(checkpoint, local_root("tune", f"{cfg.name}-{best.run_name}"))
+    best_metrics = next((dict(r.metrics or {}) for r in grid
+                         if str((r.metrics or {}).get("trial_id")) == best.trial_id), {})
+    result = TuneResult(name=cfg.name, best=best, pruner_dir=pruner_dir, metrics=best_metrics, trials=trials,
+                        mlflow_run_id=parent_run_id, grid=grid)
+    checkpoint_at = f"{str(mt.storage_path or storage).rstrip('/')}/{best.run_name}"
+    if parent_run_id is not None:
+        _summarize_parent_run(cfg, mt, parent_run_id, best, best_metrics, checkpoint_at)
+    if cfg.register:
+        result.registered_version, result.champion_moved = _register_result(cfg, mt, result, checkpoint_at)
+    elif parent_run_id is not None:
+        _terminate(mt, parent_run_id, "FINISHED")
+    return result
+
+
+def _tuner(cfg: TuneConfig, mt: MetaTrainConfig, storage: str, parent_run_id: str | None,
+           on_result: TrialHandler | None) -> Any:
+    """The ``ray.tune.Tuner`` of the sweep: seeded random search under ASHA, one driver function per trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     path, fs = storage_filesystem(storage)
     param_space = _search_space(cfg)
     trainable = tune.with_parameters(_tune_trial, base=mt.model_dump(mode="json"), tune_name=cfg.name,
                                      parent_run_id=parent_run_id)
     scheduler = ASHAScheduler(time_attr="step", max_t=mt.steps, grace_period=cfg.scheduler.grace_period,
                               reduction_factor=cfg.scheduler.reduction_factor)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         tune.with_resources(trainable, _driver_resources(cfg.trial_driver_cpus)),
         param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -351,6 +377,10 @@ def run_tune(cfg: TuneConfig, *, on_result: TrialHandler | None = None) -> TuneR
         run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
                                   callbacks=[_trial_progress_callback(on_result)] if on_result else None),
     )
+
+
+def _fit(tuner: Any, mt: MetaTrainConfig, parent_run_id: str | None) -> tuple[Any, list[TrialSummary], TrialSummary]:
+    """Run the sweep and pick the best trial; any failure marks the parent run FAILED."""
     pgs_before = _placement_group_ids()
     try:
         try:
@@ -361,39 +391,37 @@ def run_tune(cfg: TuneConfig, *, on_result: TrialHandler | None = None) -> TuneR
         best = pick_best(trials, mt.steps)
     except BaseException:
         if parent_run_id is not None:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(resolved_tracking_uri(mt.mlflow)).set_terminated(parent_run_id, "FAILED")
+            _terminate(mt, parent_run_id, "FAILED")
         raise
-    found = latest_run_checkpoint(mt.storage_path or storage, best.run_name)
-    if found is None:
-        raise RuntimeError(f"best trial {best.trial_id} left no checkpoint under {mt.storage_path}/{best.run_name}")
-    checkpoint, _ = found
-    pruner_dir = checkpoint_to_local(checkpoint, local_root("tune", f"{cfg.name}-{best.run_name}"))
-    best_metrics = next((dict(r.metrics or {}) for r in grid
-                         if str((r.metrics or {}).get("trial_id")) == best.trial_id), {})
-    result = TuneResult(name=cfg.name, best=best, pruner_dir=pruner_dir, metrics=best_metrics, trials=trials,
-                        mlflow_run_id=parent_run_id, grid=grid)
-    checkpoint_at = f"{str(mt.storage_path or storage).rstrip('/')}/{best.run_name}"
-    if parent_run_id is not None:
-        from pipeline.registry import check_tracking_uri
+    return grid, trials, best
 
-        with _kept_on_registry_error(checkpoint_at, cfg.model_name):
-            check_tracking_uri(resolved_tracking_uri(mt.mlflow))  # MLflow's retries would hold the job for minutes
-        _log_parent_summary(mt, parent_run_id, best, best_metrics)
-    if cfg.register:
-        catalog = load_catalog(str(mt.data.catalog_url), s3_endpoint())  # pinned by the template
-        result.registered_version, result.champion_moved = register_best(
-            pruner_dir, best_metrics, cfg, hyperparams=best.hyperparams, run_id=parent_run_id,
-            lineage={"catalog_hash": catalog.content_hash(), "source_datasets": list(mt.data.sources),
-                     "config": mt.model_dump(mode="json"), "tune_name": cfg.name, "trial_id": best.trial_id},
-            checkpoint_path=checkpoint_at,
-        )
-    elif parent_run_id is not None:
-        from mlflow.tracking import MlflowClient
 
-        MlflowClient(resolved_tracking_uri(mt.mlflow)).set_terminated(parent_run_id, "FINISHED")
-    return result
+def _terminate(mt: MetaTrainConfig, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(resolved_tracking_uri(mt.mlflow)).set_terminated(run_id, status)
+
+
+def _summarize_parent_run(cfg: TuneConfig, mt: MetaTrainConfig, run_id: str, best: TrialSummary,
+                          metrics: dict[str, Any], checkpoint_at: str) -> None:
+    """The best trial's metrics and hyper-parameters on the parent run, once MLflow is known to answer."""
+    from pipeline.registry import check_tracking_uri
+
+    with _kept_on_registry_error(checkpoint_at, cfg.model_name):
+        check_tracking_uri(resolved_tracking_uri(mt.mlflow))  # MLflow's retries would hold the job for minutes
+    _log_parent_summary(mt, run_id, best, metrics)
+
+
+def _register_result(cfg: TuneConfig, mt: MetaTrainConfig, result: TuneResult, checkpoint_at: str) -> tuple[str | None, bool]:
+    """Register the best trial's pruner with its lineage; returns ``(version, champion_moved)``."""
+    best = result.best
+    catalog = load_catalog(str(mt.data.catalog_url), s3_endpoint())  # pinned by the template
+    return register_best(
+        result.pruner_dir, result.metrics, cfg, hyperparams=best.hyperparams, run_id=result.mlflow_run_id,
+        lineage={"catalog_hash": catalog.content_hash(), "source_datasets": list(mt.data.sources),
+                 "config": mt.model_dump(mode="json"), "tune_name": cfg.name, "trial_id": best.trial_id},
+        checkpoint_path=checkpoint_at,
+    )
 
 
 def _log_parent_summary(mt: MetaTrainConfig, run_id: str, best: TrialSummary, metrics: dict[str, Any]) -> None:
