@@ -129,7 +129,12 @@ def _check_split(name: str, split: str, x: Any, y: Any, num_classes: int) -> tup
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test): per class, a seeded shuffle and the first round(n*f) go to test."""
+    """Indices (train, test): per class, a seeded shuffle and the first round(n*f) go to test.
+
+    Kept rather than scikit-learn's ``train_test_split(stratify=...)``: that draws a different split for the
+    same seed, which would silently change the sklearn-digits target's test set and with it every published
+    digits figure (the benchmark tables name the commands that reproduce them). Tested in test_sources.py.
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
