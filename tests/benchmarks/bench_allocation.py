@@ -10,6 +10,8 @@ Masks, all on the same weights (the pruner's backbone) and through the benchmark
 * ``l1_in_uniform``: uniform allocation, L1 ranking inside each layer;
 * ``activation_in_l1``: L1's allocation, ranked by the mean response on the target's sample;
 * ``stamp``: the pruner's own mask (from the target's sample);
+* ``stamp_mean``: an outcome pruner's choice for the *average source task* (the predictor's fitted feature
+  mean), built with the target's own channel statistics: what its choice is worth without adaptivity;
 * ``stamp_in_l1``: L1's allocation, ranked by the pruner's keep probabilities;
 * ``l1_in_stamp``: the pruner's allocation, ranked by L1;
 * ``mixW`` / ``tiltB``: bench_source_allocation's interpolated and depth-tilted allocations, L1 ranking;
@@ -38,7 +40,7 @@ import torch
 from pipeline.apps.benchmark import dev_split
 from pipeline.apps.prune import resolve_data
 from pipeline.registry import load_pruner
-from stamp_core import PruneSpec, StampPruner, default_finetune, init_classifier_from_prototypes, prepare_images, prune_and_finetune
+from stamp_core import PruneSpec, StampPruner, TaskSummary, default_finetune, init_classifier_from_prototypes, prepare_images, prune_and_finetune
 from stamp_core.baselines import ScoringInput, get_criterion, list_criteria, score_uniform, select_spec
 from stamp_core.channel_generator import channel_statistics
 from stamp_core.groups import score_l1
@@ -46,7 +48,7 @@ from stamp_core.pruner import spec_from_kept
 from tests.benchmarks.bench_source_allocation import candidate_fractions, spec_for_fractions
 
 #: masks that are their own allocation and ranking; any other mask is ``<ranking>_in_<allocation>``
-_ALLOCATIONS = ("l1", "uniform", "stamp")
+_ALLOCATIONS = ("l1", "uniform", "stamp", "stamp_mean")
 #: allocations given by per-layer fractions (ranked by L1 unless a ranking is named)
 _FRACTION_ALLOCATION = re.compile(r"^(mix[0-9.]+|tilt[+-][0-9.]+)$")
 MASKS = ("l1", "uniform", "l1_in_uniform", "activation_in_l1", "stamp", "stamp_in_l1", "l1_in_stamp")
@@ -74,6 +76,13 @@ def _counts(spec: PruneSpec) -> list[int]:
     return [len(k) for k in spec.kept.values()]
 
 
+def _average_task(pruner: StampPruner, summary: TaskSummary) -> TaskSummary:
+    """The outcome predictor's average source task, with this task's channel statistics (for the rankings)."""
+    if pruner.config.generator != "outcome":
+        raise ValueError(f"stamp_mean needs an outcome pruner (generator 'outcome'), not {pruner.config.generator!r}")
+    return TaskSummary(pruner.generator.predictor.feature_mean.float(), summary.channel_stats)
+
+
 def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_per_class: int
                   ) -> Callable[[str, float], PruneSpec]:
     """``build(name, r)`` for every mask in :data:`MASKS` on ``pruner``'s weights and the task ``(x, y)``."""
@@ -96,6 +105,7 @@ def mask_builders(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, sample_
         "l1": lambda r: select_spec(l1, structure, config, r, normalize=True),
         "uniform": lambda r: select_spec(score_uniform(structure), structure, config, r),
         "stamp": lambda r: pruner.generate(x[sample], y[sample], macs_ratio=r, embedding=summary),
+        "stamp_mean": lambda r: pruner.generate(x[sample], y[sample], macs_ratio=r, embedding=_average_task(pruner, summary)),
     }
     rankings: dict[str, Callable[[float], Sequence[torch.Tensor]]] = {
         "l1": lambda r: l1,

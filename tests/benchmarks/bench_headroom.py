@@ -141,7 +141,7 @@ def in_family(mask: str, family: str) -> bool:
     """Allocations keep L1's ranking; rankings keep L1's allocation; ``all`` takes every mask."""
     allocation, ranking = parse_mask(mask)
     if family == "allocation":
-        return ranking in (None, "l1") and allocation != "stamp"
+        return ranking in (None, "l1") and allocation not in ("stamp", "stamp_mean")
     if family == "ranking":
         return allocation == "l1"
     return True
