@@ -110,6 +110,8 @@ def check_command(command: Command, root: Path = ROOT) -> str | None:
     except ValueError as exc:
         return f"cannot be split into words ({exc})"
     job = words[1][len("jobs/"):-len(".py")] if words[0] == "python" else words[1].replace("-", "_")
+    if words[0] == "python" and not (root / words[1]).is_file():
+        return f"its entrypoint {words[1]} does not exist"
     if job not in JOB_MODELS:
         return f"names the job {job!r}, which has no config: expected one of {', '.join(JOB_MODELS)}"
     k = words.index("--config")
@@ -197,3 +199,14 @@ def test_the_checker_loads_the_config_class_of_the_named_job(tmp_path: Path) -> 
     wrong, right = find_commands([header])
     assert "'pretrain' config, but a 'meta_train' config is expected" in (check_command(wrong) or "")
     assert check_command(right) is None
+
+
+def test_a_command_naming_a_missing_entrypoint_fails(tmp_path: Path) -> None:
+    """jobs/<job>.py must exist, not only its config class (a job once shipped without its script)."""
+    header = tmp_path / "planted.yaml"
+    header.write_text("#   python jobs/outcomes_gone.py --config jobs/configs/outcomes_natural.yaml\n"
+                      "#   python jobs/outcomes.py --config jobs/configs/outcomes_natural.yaml max_tasks=2\n")
+    gone, present = find_commands([header])
+    assert check_command(gone) == "its entrypoint jobs/outcomes_gone.py does not exist"
+    assert check_command(present) is None
+    assert all((ROOT / "jobs" / f"{job}.py").is_file() for job in JOB_MODELS)

@@ -112,3 +112,32 @@ def test_ray_tasks_fill_the_table_on_s3_and_a_rerun_skips_recorded_tasks(
         _config(local_catalog, backbone_dir), Catalog.load(local_catalog), ["blobs", "stripes"]))
     done = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t"))
     assert (done.recorded, done.new) == (4, 0)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_recipe_runs_through_its_entrypoint(local_catalog: str, backbone_dir: str, tmp_path: Path) -> None:
+    """``python jobs/outcomes.py --config jobs/configs/outcomes_natural.yaml`` as its header runs it, with the
+    data, backbone and storage pointed at small local ones (a process of its own, a local Ray of its own)."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    from pipeline.stack import procs
+
+    repo = Path(__file__).resolve().parents[3]
+    token = tmp_path / "ray-token"
+    procs.write_private(token, secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "STAMP_", "AWS_"))}
+    env.update(STAMP_HOME=str(tmp_path / "home"), RAY_AUTH_TOKEN_PATH=str(token))
+    cmd = [sys.executable, str(repo / "jobs" / "outcomes.py"), "--config", str(repo / "jobs/configs/outcomes_natural.yaml"),
+           f"data.catalog_url={local_catalog}", "data.sources=[blobs, stripes]", f"pretrained={backbone_dir}",
+           f"storage_path={tmp_path / 'outcomes'}", "max_tasks=2", "budgets=[0.5]", "candidates=[l1, uniform]",
+           "tasks.ways=[2, 3]", "tasks.train_per_class=8", "tasks.dev_per_class=6", "tasks.sample_per_class=4",
+           "finetune.epochs=1", "mlflow.enabled=false"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["recorded"], summary["new"], summary["rows"]) == (2, 2, 4)
+    assert len(load_outcome_table(str(tmp_path / "outcomes" / "outcomes-natural" / "table.jsonl"))) == 2
