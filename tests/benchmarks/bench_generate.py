@@ -10,7 +10,8 @@ Figures (medians; the machine is shared, so ratios matter more than absolutes):
 2. CPU latency at batch 64 of the pruned net / the full net at r = 0.3 for vgg19 and resnet18,
    against the MACs ratio. Target: latency ratio within 1.5x of the MACs ratio.
 
-Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel outcome] [--skip-latency]
+Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel outcome]
+     [--backbones resnet20 resnet18] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -69,12 +70,13 @@ def main() -> None:
     parser.add_argument("--generators", nargs="+", default=["faithful", "channel", "outcome"],
                         choices=["faithful", "channel", "outcome"])
     parser.add_argument("--skip-latency", action="store_true", help="only the generate() figures")
+    parser.add_argument("--backbones", nargs="+", default=["resnet20", "resnet18"], help="for the generate() figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
     print("\ngenerate() on 400 images at 32x32 vs one forward pass of them")
     print(f"{'backbone':<10} {'generator':<9} {'forward s':>10} {'generate s':>11} {'ratio':>7}")
-    for name in ("resnet20", "resnet18"):
+    for name in args.backbones:
         for generator in args.generators:
             r = bench_generate(name, args.repeats, generator)
             print(f"{name:<10} {generator:<9} {r['forward_s']:>10.3f} {r['generate_s']:>11.3f} {r['ratio']:>7.2f}")
