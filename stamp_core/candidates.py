@@ -143,7 +143,8 @@ def probe_task(backbone: nn.Module, structure: PrunableStructure, images: torch.
 
 
 def task_features(images: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor,
-                  responses: Sequence[torch.Tensor], stats: Sequence[torch.Tensor]) -> dict[str, float]:
+                  responses: Sequence[torch.Tensor], stats: Sequence[torch.Tensor],
+                  num_classes: int | None = None) -> dict[str, float]:
     """A fixed, named description of a task from its sample and one forward pass (all scale-free).
 
     Input: colourfulness (spread across RGB, 0 for grayscale), pixel spread, share of near-extreme pixels
@@ -151,7 +152,7 @@ def task_features(images: torch.Tensor, labels: torch.Tensor, feats: torch.Tenso
     the pretrained head (mean top probability, normalised entropy), class separability of the pooled
     features, and per depth third (early / mid / late groups) the mean class separability of channels, the
     share of near-silent channels and the spread of channel responses. Task shape: log classes, log images
-    per class of the sample.
+    per class of the sample (``num_classes``: the task's class count, when the sample holds only some classes).
     """
     x = images.double()
     pixels = x * 0.5 + 0.5  # back to [0, 1] (stamp_core.preprocess maps [0, 1] to [-1, 1])
@@ -169,7 +170,7 @@ def task_features(images: torch.Tensor, labels: torch.Tensor, feats: torch.Tenso
         "head_confidence": float(probs.max(1).values.mean()),
         "head_entropy": float(entropy.mean()),
         "feature_separability": float(channel_statistics([feats], labels)[0][:, 2].double().mean()),
-        "log_classes": math.log(int(labels.unique().numel())),
+        "log_classes": math.log(num_classes or int(labels.unique().numel())),
         "log_per_class": math.log(len(labels) / int(labels.unique().numel())),
     }
     thirds = _depth_thirds(len(responses))

@@ -238,15 +238,21 @@ class StampPruner(nn.Module):
         device = self.device
         return x.to(device), None if y is None else y.to(device)
 
-    def select_support(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
-        """Indices of a deterministic class-balanced subset of at most ``max_support`` images."""
+    def select_support(self, labels: torch.Tensor | None, n: int, min_per_class: int = 1) -> torch.Tensor:
+        """Indices of a deterministic class-balanced subset of at most ``max_support`` images.
+
+        With ``min_per_class`` > 1 and more classes than the cap allows at that many images each, an evenly
+        spread subset of the classes is kept instead (class separability needs two images of a class).
+        """
         cap = self.config.max_support
-        if n <= cap:
+        if n <= cap and min_per_class <= 1:
             return torch.arange(n)
         if labels is None:
-            return torch.linspace(0, n - 1, cap).round().long()
+            return torch.linspace(0, n - 1, min(n, cap)).round().long()
         classes = torch.unique(labels)
-        per_class = max(1, min(self.config.support_per_class, cap // len(classes)))
+        per_class = max(min_per_class, min(self.config.support_per_class, cap // len(classes)))
+        if per_class * len(classes) > cap:
+            classes = classes[torch.linspace(0, len(classes) - 1, max(1, cap // per_class)).round().long().unique()]
         picked = [torch.nonzero(labels == c).flatten()[:per_class] for c in classes]
         return torch.cat(picked)[:cap].sort().values
 
@@ -298,17 +304,20 @@ class StampPruner(nn.Module):
         """What the generator reads of a task: the set embedding of a class-balanced subset of
         ``images`` (checked, prepared images) and, for the channel generator, per-channel statistics
         of the same forward pass. Gradients flow to the encoder, not to the backbone."""
+        if isinstance(self.generator, OutcomeMaskGenerator):
+            idx = self.select_support(labels, len(images), min_per_class=2)
+            num_classes = None if labels is None else int(torch.unique(labels).numel())
+            return self._probe_summary(images[idx], None if labels is None else labels[idx], num_classes)
         idx = self.select_support(labels, len(images))
         x, y = images[idx], (None if labels is None else labels[idx])
-        if isinstance(self.generator, OutcomeMaskGenerator):
-            return self._probe_summary(x, y)
         if not self.reads_channels:
             return TaskSummary(self.embed(self.extract_features(x), y))
         feats, responses = self.extract_features(x, channel_responses=True)
         return TaskSummary(self.embed(feats, y), channel_statistics(responses, y))
 
-    def _probe_summary(self, x: torch.Tensor, y: torch.Tensor | None) -> TaskSummary:
-        """The outcome generator's summary: the named task features as the embedding, channel statistics beside."""
+    def _probe_summary(self, x: torch.Tensor, y: torch.Tensor | None, num_classes: int | None = None) -> TaskSummary:
+        """The outcome generator's summary: the named task features as the embedding, channel statistics beside
+        (``num_classes``: the task's class count when the sample holds a subset of its classes)."""
         if y is None:
             raise ValueError("this pruner's outcome generator reads class labels (class separability, class count): "
                              "pass one integer label per image")
@@ -316,7 +325,7 @@ class StampPruner(nn.Module):
         stats = channel_statistics(responses, y)
         with torch.no_grad():
             logits = self.backbone.classifier(feats)
-        features = task_features(x, y, feats, logits, responses, stats)
+        features = task_features(x, y, feats, logits, responses, stats, num_classes)
         return TaskSummary(self.generator.predictor.features_tensor(features).float(), stats)
 
     def keep_probabilities(self, summary: TaskSummary | torch.Tensor, macs_ratio: float) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,19 @@ def test_select_mask_keeps_the_candidate_that_scores_best_on_the_held_out_share(
     assert chosen.spec.metadata["candidate"] == first_best
     with pytest.raises(ValueError, match="k=0: expected a positive number"):
         select_mask(pruner, x, y, 0.3, k=0, finetune=TrainConfig(epochs=1))
+
+
+def test_a_task_with_more_classes_than_the_sample_holds_keeps_two_images_of_a_class() -> None:
+    """242 classes and a 400-image cap: one image per class would make every channel perfectly 'separable';
+    the outcome generator reads 2 images each of an evenly spread 200 classes and still counts 242."""
+    pruner = _pruner()
+    y = torch.arange(242).repeat_interleave(3)
+    x = make_images("color", y % 6, torch.Generator().manual_seed(0))
+    idx = pruner.select_support(y, len(y), min_per_class=2)
+    assert len(idx) == 400 and torch.bincount(y[idx]).max() == 2 and y[idx].unique().numel() == 200
+    assert len(pruner.select_support(y, len(y))) == 242  # the other generators: one image of every class
+    summary = pruner.summarize(x, y)
+    features = dict(zip(FEATURE_NAMES, summary.embedding.tolist()))
+    assert features["log_classes"] == pytest.approx(math.log(242), abs=1e-5)
+    assert features["log_per_class"] == pytest.approx(math.log(2), abs=1e-5)
+    assert 0.0 < features["mid_separability"] < 1.0
