@@ -45,7 +45,8 @@ from stamp_core.baselines import ScoringInput, get_criterion, list_criteria, sco
 from stamp_core.channel_generator import channel_statistics
 from stamp_core.groups import score_l1
 from stamp_core.pruner import spec_from_kept
-from tests.benchmarks.bench_source_allocation import candidate_fractions, spec_for_fractions
+from stamp_core.candidates import spec_for_fractions
+from tests.benchmarks.bench_source_allocation import candidate_fractions
 
 #: masks that are their own allocation and ranking; any other mask is ``<ranking>_in_<allocation>``
 _ALLOCATIONS = ("l1", "uniform", "stamp", "stamp_mean")

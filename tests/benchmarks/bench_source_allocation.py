@@ -51,21 +51,10 @@ from pipeline.data import Catalog
 from pipeline.registry import load_pruner
 from stamp_core import PruneSpec, StampPruner, default_finetune, prepare_images, prune_and_finetune
 from stamp_core.baselines import score_uniform, select_spec
+from stamp_core.candidates import spec_for_fractions
 from stamp_core.groups import PrunableStructure, score_l1
 
 _CANDIDATE = re.compile(r"^(l1|uniform|stamp|mix(?P<w>[0-9.]+)|tilt(?P<b>[+-][0-9.]+))$")
-
-
-def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tensor], structure: PrunableStructure,
-                       backbone_config: dict, macs_ratio: float) -> PruneSpec:
-    """Keep about ``fractions[g]`` of group ``g``, its best channels by ``ranking``, exactly at the budget."""
-    scores = []
-    for f, s in zip(fractions, ranking):
-        n = s.numel()
-        rank = torch.empty(n, dtype=torch.float64)
-        rank[s.argsort(descending=True)] = torch.arange(n, dtype=torch.float64)
-        scores.append(float(f) - (rank + 0.5) / n)
-    return select_spec(scores, structure, backbone_config, macs_ratio)
 
 
 def _fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]:
