@@ -171,7 +171,8 @@ class FitResult:
     ridge: float
     tasks: int
     observations: int
-    #: per budget: mean held-out accuracy of the predictor's picks minus the shared pick's (leave-one-group-out)
+    #: per budget: mean held-out accuracy of the predictor's picks minus the shared pick's (leave-one-group-out).
+    #: The penalty was chosen on the same folds, so this is optimistic; bench_outcomes' ``ridge(cv)`` is nested.
     cv_gain: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     model_uri: str | None = None
