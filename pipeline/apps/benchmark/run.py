@@ -297,8 +297,10 @@ def run_benchmark(
     latest: dict[str, dict[str, Any]] = {row_id(row): row for row in read_results(csv_path)}
     todo, skipped, prints = ([], [], {}) if report_only else _to_run(cfg, cells, latest, inputs)
     if todo and cfg.reuse_results:
-        todo, reused = _reuse(cfg, todo, prints, csv_path, latest)
+        todo, reused, missing = _reuse(cfg, todo, prints, csv_path, latest)
         skipped += reused
+        if missing:
+            say(f"benchmark {cfg.name}: reuse_results {', '.join(missing)} not found (not run yet): nothing copied from it")
         if reused:
             say(f"benchmark {cfg.name}: {len(reused)} cells copied from {', '.join(cfg.reuse_results)}")
     shard = f" (shard {cfg.shard})" if cfg.shard_index()[1] > 1 else ""
@@ -396,12 +398,22 @@ class _Inputs:
 
 
 def _reuse(cfg: BenchmarkConfig, todo: list[CellKey], prints: dict[str, str], csv_path: Path,
-           latest: dict[str, dict[str, Any]]) -> tuple[list[CellKey], list[str]]:
-    """Copy the cells of ``todo`` that another run recorded with the same fingerprint; return (still to run, copied)."""
+           latest: dict[str, dict[str, Any]]) -> tuple[list[CellKey], list[str], list[str]]:
+    """Copy the cells of ``todo`` that another run recorded with the same fingerprint.
+
+    Returns (still to run, copied, reuse paths that do not exist). A missing file is not an error: two runs that
+    share baselines name each other, and whichever runs first computes them.
+
+    Raises:
+        BenchmarkError: a reuse path exists but is not a file (e.g. a run directory instead of its results.csv).
+    """
     found: dict[str, dict[str, Any]] = {}
+    missing = [path for path in cfg.reuse_results if not Path(path).exists()]
     for path in cfg.reuse_results:
+        if path in missing:
+            continue
         if not Path(path).is_file():
-            raise BenchmarkError(f"reuse_results: {path} does not exist (a results.csv of another benchmark run)")
+            raise BenchmarkError(f"reuse_results: {path} is not a file (expected another benchmark run's results.csv)")
         for row in read_results(path):
             if row["status"] == "ok" and row.get("fingerprint") not in (None, "unavailable"):
                 found[row_id(row)] = row
@@ -414,7 +426,7 @@ def _reuse(cfg: BenchmarkConfig, todo: list[CellKey], prints: dict[str, str], cs
             copied.append(cell.id)
         else:
             remaining.append(cell)
-    return remaining, copied
+    return remaining, copied, missing
 
 
 def _to_run(cfg: BenchmarkConfig, cells: list[CellKey], latest: dict[str, dict[str, Any]],
