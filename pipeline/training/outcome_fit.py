@@ -25,15 +25,10 @@ from pipeline.config import ConfigError, resolved_tracking_uri
 from pipeline.config.fit_pruner import FitPrunerConfig
 from pipeline.registry.backbones import load_backbone
 from pipeline.registry.loading import pin_model_uri
-from pipeline.training.outcomes import load_outcome_table
+from pipeline.training.outcomes import load_outcome_table, task_family
 from stamp_core import StampPruner
 from stamp_core.candidates import FEATURE_NAMES
 from stamp_core.outcome_predictor import OutcomePredictor
-
-
-def task_family(dataset: str) -> str:
-    """``tin-c1-2-gray`` -> ``tin``; ``mnist-c0-1-inv`` -> ``mnist``."""
-    return dataset.split("-")[0]
 
 
 def task_class_subset(dataset: str) -> str:

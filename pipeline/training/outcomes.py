@@ -68,13 +68,19 @@ class OutcomesResult:
 # =============================================================================== the plan
 
 
+def task_family(dataset: str) -> str:
+    """A source dataset's family, the base it was cut from: ``tin-c1-2-gray`` -> ``tin``; ``mnist-c0-1-inv`` -> ``mnist``."""
+    return dataset.split("-")[0]
+
+
 def plan_tasks(cfg: OutcomesConfig, catalog: Catalog, sources: list[str]) -> list[OutcomeTask]:
-    """The tasks of the config, in a fixed order that mixes the source families early (so a partial
-    table covers all of them); the same config and catalog always give the same plan."""
+    """The tasks of the config in a fixed order: each draw takes the source families in turn (one task of
+    each, then the next round), so a partial table covers every family evenly however many datasets each
+    holds; the same config and catalog always give the same plan."""
     lo, hi = cfg.tasks.ways
     plan: list[OutcomeTask] = []
     for draw in range(cfg.tasks.draws_per_source):
-        batch = []
+        by_family: dict[str, list[OutcomeTask]] = {}
         for name in sources:
             n = catalog.get(name).num_classes
             if n < 2:
@@ -82,9 +88,14 @@ def plan_tasks(cfg: OutcomesConfig, catalog: Catalog, sources: list[str]) -> lis
             rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode()), draw])
             ways = int(rng.integers(min(lo, n), min(hi, n) + 1))
             classes = tuple(sorted(int(c) for c in rng.choice(n, ways, replace=False)))
-            batch.append(OutcomeTask(f"{name}~{draw}", name, classes, int(rng.integers(2**31))))
-        order = np.random.default_rng([cfg.seed, draw]).permutation(len(batch))
-        plan.extend(batch[i] for i in order)
+            task = OutcomeTask(f"{name}~{draw}", name, classes, int(rng.integers(2**31)))
+            by_family.setdefault(task_family(name), []).append(task)
+        order = np.random.default_rng([cfg.seed, draw])
+        queues = [[tasks[i] for i in order.permutation(len(tasks))]
+                  for _, tasks in sorted(by_family.items())]
+        queues = [queues[i] for i in order.permutation(len(queues))]
+        for turn in range(max((len(q) for q in queues), default=0)):
+            plan.extend(q[turn] for q in queues if turn < len(q))
     return plan
 
 

@@ -38,9 +38,8 @@ from pipeline.training.outcome_fit import (
     choose_shared,
     cross_validate,
     realized,
-    task_family,
 )
-from pipeline.training.outcomes import load_outcome_table
+from pipeline.training.outcomes import load_outcome_table, task_family
 from stamp_core.candidates import FEATURE_NAMES
 
 RIDGES = (0.3, 3.0, 30.0)

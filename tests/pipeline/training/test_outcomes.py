@@ -3,6 +3,7 @@ tasks into SeaweedFS, resumed without redoing recorded tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,14 @@ import torch
 
 from pipeline.config import ConfigError, OutcomesConfig
 from pipeline.data import Catalog, save_backbone
-from pipeline.training.outcomes import load_outcome_table, plan_tasks, prepare_outcomes, run_outcomes, score_task
+from pipeline.training.outcomes import (
+    load_outcome_table,
+    plan_tasks,
+    prepare_outcomes,
+    run_outcomes,
+    score_task,
+    task_family,
+)
 from stamp_core import build_backbone
 
 CANDIDATES = ["l1", "uniform", "separability_in_tilt+1"]
@@ -48,6 +56,22 @@ def test_the_plan_is_fixed_mixes_sources_and_draws_valid_subsets(local_catalog: 
         n = catalog.get(t.dataset).num_classes
         assert 2 <= len(t.classes) <= 3 and list(t.classes) == sorted(set(t.classes)) and max(t.classes) < n
     assert plan_tasks(_config(local_catalog, backbone_dir, seed=1), catalog, ["blobs", "stripes"]) != plan
+
+
+def test_the_plan_takes_the_families_in_turn_however_many_datasets_each_holds(local_catalog: str,
+                                                                              backbone_dir: str) -> None:
+    """A partial table must cover every family: three blobs datasets and one stripes dataset give
+    blobs/stripes in the first round of each draw, not three blobs tasks first."""
+    real = Catalog.load(local_catalog)
+    catalog = Catalog()
+    names = ["blobs-a", "blobs-b", "blobs-c", "stripes-a"]
+    for name in names:
+        catalog.add(dataclasses.replace(real.get(name.split("-")[0]), name=name, splits={}))
+    plan = plan_tasks(_config(local_catalog, backbone_dir), catalog, names)
+    families = [task_family(t.dataset) for t in plan]
+    assert len(plan) == 8 and sorted(t.task_id for t in plan) == sorted(f"{n}~{d}" for n in names for d in (0, 1))
+    assert set(families[:2]) == {"blobs", "stripes"} and set(families[4:6]) == {"blobs", "stripes"}
+    assert families[2:4] == ["blobs", "blobs"]
 
 
 def test_score_task_records_every_cell_and_the_features(local_catalog: str, backbone_dir: str) -> None:
