@@ -28,6 +28,7 @@ from pipeline.apps.benchmark.cells import (
 )
 from pipeline.apps.benchmark.report import (
     ACCURACY_PNG,
+    BETTER_OF_L1_UNIFORM,
     RESULTS_MD,
     TIME_PNG,
     aggregate,
@@ -36,6 +37,7 @@ from pipeline.apps.benchmark.report import (
     plot_benchmark_accuracy_vs_macs,
     plot_time_vs_accuracy,
     results_markdown,
+    target_means,
 )
 from pipeline.apps.benchmark.run import BenchmarkResult, dev_split, run_benchmark, source_tasks
 from pipeline.apps.benchmark.stats import PairedDifference, paired_difference
@@ -53,5 +55,5 @@ __all__ = [
     "BenchmarkError", "BenchmarkResult", "CellKey", "ConfigError", "PairedDifference", "aggregate", "cost_matched",
     "jaccard_distance", "load_benchmark_config", "paired_difference", "paired_table", "plan_cells",
     "plot_benchmark_accuracy_vs_macs", "plot_time_vs_accuracy", "read_masks", "read_results", "results_markdown",
-    "dev_split", "run_benchmark", "source_tasks",
+    "dev_split", "run_benchmark", "source_tasks", "target_means", "BETTER_OF_L1_UNIFORM",
 ]

@@ -156,6 +156,73 @@ def paired_table(rows: list[dict[str, Any]], method: str = "stamp") -> list[tupl
     return out
 
 
+#: the pseudo-method of :func:`target_means`: per target, whichever of L1 and uniform width has the higher mean
+BETTER_OF_L1_UNIFORM = "better of L1 / uniform"
+
+
+def target_means(rows: list[dict[str, Any]], method: str = "stamp"
+                 ) -> list[tuple[str, str, float, str, dict[int, float], PairedDifference | None]]:
+    """The mean over targets, per seed, of each method at each budget, and ``method`` minus it paired over seeds.
+
+    Returns (weights, backbone, budget, other method, {seed: mean over the targets}, ``method`` - other). A seed
+    counts only where the method has every target of the block (a partial grid never averages different targets).
+    The row ``BETTER_OF_L1_UNIFORM`` takes, per target, whichever of L1 and uniform width has the higher mean over
+    the seeds both have: chosen on the scored data, so it flatters the baseline.
+    """
+    acc = _by_seed(rows)
+    out = []
+    for weights, backbone in sorted({(w, b) for (w, _, b, _, _) in acc}, key=lambda k: (k[0] != "meta", k[1])):
+        targets = sorted({t for (w, t, b, _, _) in acc if (w, b) == (weights, backbone)})
+        for budget in _budgets([r for r in _ok(rows) if (r["weights"], r["backbone"]) == (weights, backbone)]):
+            per_target = {m: {t: acc.get((weights, t, backbone, m, budget), {}) for t in targets}
+                          for (w, _, b, m, r) in acc if (w, b, r) == (weights, backbone, budget)
+                          and not m.startswith(CROSS_PREFIX)}
+            if "l1" in per_target and "uniform" in per_target:
+                per_target[BETTER_OF_L1_UNIFORM] = {t: _better(per_target["l1"][t], per_target["uniform"][t]) for t in targets}
+            means = {m: _complete_means(v) for m, v in per_target.items()}
+            for m in sorted(means, key=lambda m: (m == BETTER_OF_L1_UNIFORM, _method_order(m))):
+                d = paired_difference(means[method], means[m]) if method in means and m != method else None
+                out.append((weights, backbone, budget, m, means[m], d))
+    return out
+
+
+def _better(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return {}
+    return {s: a[s] for s in seeds} if statistics.fmean(a[s] for s in seeds) >= statistics.fmean(b[s] for s in seeds) \
+        else {s: b[s] for s in seeds}
+
+
+def _complete_means(by_target: dict[str, dict[int, float]]) -> dict[int, float]:
+    seeds = set.intersection(*(set(v) for v in by_target.values())) if by_target else set()
+    return {s: statistics.fmean(v[s] for v in by_target.values()) for s in sorted(seeds)}
+
+
+def _target_means(rows: list[dict[str, Any]]) -> list[str]:
+    table = target_means(rows)
+    lines: list[str] = []
+    for weights, backbone in dict.fromkeys((w, b) for w, b, *_ in table):
+        mine = [row for row in table if row[:2] == (weights, backbone)]
+        budgets = list(dict.fromkeys(row[2] for row in mine))
+        lines += [f"### Mean over the targets: {_WEIGHT_LABELS.get(weights, weights)}, {backbone} "
+                  "(top-1 %, seeds that have every target; STAMP − method paired over them)", "",
+                  "| method | " + " | ".join(f"r={r:g} | STAMP − it" for r in budgets) + " |",
+                  "|---|" + "---:|---:|" * len(budgets)]
+        cells = {(row[2], row[3]): row for row in mine}
+        for m in dict.fromkeys(row[3] for row in mine):
+            parts = []
+            for r in budgets:
+                row = cells.get((r, m))
+                seeds = row[4] if row else {}
+                parts.append(f"{100 * statistics.fmean(seeds.values()):.1f} (n={len(seeds)})" if seeds else "–")
+                parts.append(row[5].format() if row and row[5] is not None else "–")
+            label = m if m == BETTER_OF_L1_UNIFORM else method_label(m)
+            lines.append(f"| {label} | " + " | ".join(parts) + " |")
+        lines.append("")
+    return lines
+
+
 def _paired(rows: list[dict[str, Any]]) -> list[str]:
     diffs = paired_table(rows)
     if not diffs:
@@ -410,7 +477,7 @@ def results_markdown(rows: list[dict[str, Any]], cfg: BenchmarkConfig | None = N
             lines += [f"**Dev split**: scored on {cfg.dev_per_class} images per class held out of each target's "
                       "*training* split (test splits not read): numbers for method development, not claims.", ""]
     ok = _ok(rows)
-    lines += ["## Summary", ""] + (summary_lines(rows) or ["No STAMP cells."]) + [""]
+    lines += ["## Summary", ""] + (summary_lines(rows) or ["No STAMP cells."]) + [""] + _target_means(ok)
     lines += ["## 1. Mask quality: every mask on the same weights (top-1 %, mean ± std over seeds)", ""] + _mask_quality(ok)
     lines += ["## 2. STAMP − baseline, paired over seeds (points; [95% interval]; bold = significant)", ""] + _paired(ok)
     lines += ["## 3. Weights: meta-trained − pretrained under the same mask method (points, paired)", ""] + _weights_effect(ok)

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.apps.benchmark import (
     ACCURACY_PNG,
+    BETTER_OF_L1_UNIFORM,
     MASKS_JSONL,
     RESULTS_CSV,
     RESULTS_MD,
@@ -32,7 +33,9 @@ from pipeline.apps.benchmark import (
     plan_cells,
     read_masks,
     read_results,
+    results_markdown,
     run_benchmark,
+    target_means,
 )
 from pipeline.config import BENCHMARK_METHODS, BenchmarkConfig, ConfigError, load_config, validate_config
 from pipeline.data import load_source
@@ -282,6 +285,24 @@ def test_cost_matched_ranks_by_what_fits_in_stamps_time() -> None:
     assert equal == {"stamp": 0.8, "l1": 0.85, "bbd": 0.95, "stamp_mean": 0.8}
     diffs = {other: d for *_, other, d in paired_table(rows)}
     assert diffs["l1"].mean == pytest.approx(-0.05) and diffs["bbd"].mean == pytest.approx(-0.15)
+
+
+def test_target_means_average_complete_seeds_and_pair_stamp_with_the_better_of_l1_and_uniform() -> None:
+    def row(target: str, method: str, seed: int, acc: float) -> dict[str, Any]:
+        return {"target": target, "backbone": "b", "weights": "pretrained", "method": method, "macs_ratio_target": 0.3,
+                "seed": seed, "status": "ok", "accuracy": acc}
+
+    cells = {("A", "stamp"): [0.6, 0.7, 0.9], ("B", "stamp"): [0.4, 0.5],  # seed 2 lacks target B: not averaged
+             ("A", "l1"): [0.5, 0.6], ("B", "l1"): [0.45, 0.45],
+             ("A", "uniform"): [0.6, 0.62], ("B", "uniform"): [0.3, 0.4]}  # uniform is the better one on A only
+    rows = [row(t, m, s, a) for (t, m), accs in cells.items() for s, a in enumerate(accs)]
+    table = {m: (means, d) for (_, _, _, m, means, d) in target_means(rows)}
+    assert table["stamp"][0] == pytest.approx({0: 0.5, 1: 0.6}) and table["stamp"][1] is None
+    assert table["l1"][0] == pytest.approx({0: 0.475, 1: 0.525}) and table["l1"][1].mean == pytest.approx(0.05)
+    assert table[BETTER_OF_L1_UNIFORM][0] == pytest.approx({0: 0.525, 1: 0.535})
+    assert table[BETTER_OF_L1_UNIFORM][1].mean == pytest.approx(0.02) and table[BETTER_OF_L1_UNIFORM][1].n == 2
+    md = results_markdown(rows)
+    assert "### Mean over the targets" in md and "| better of L1 / uniform | 53.0 (n=2) | +2.0 [" in md
 
 
 @pytest.fixture(scope="module")
