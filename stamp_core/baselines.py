@@ -210,8 +210,11 @@ def score_synflow(model: nn.Module, structure: PrunableStructure) -> GroupScores
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
     params = dict(net.named_parameters())
-    r = net(torch.ones(1, *structure.input_shape, dtype=torch.float64)).sum()
-    grads = torch.autograd.grad(r, list(params.values()), allow_unused=True)
+    with torch.enable_grad():  # callers may be inside no_grad (e.g. StampPruner.generate)
+        for p in params.values():
+            p.requires_grad_(True)
+        r = net(torch.ones(1, *structure.input_shape, dtype=torch.float64)).sum()
+        grads = torch.autograd.grad(r, list(params.values()), allow_unused=True)
     saliency = {n: (p * g).abs() for (n, p), g in zip(params.items(), grads) if g is not None}
     return per_channel_sum(net, structure, saliency)
 

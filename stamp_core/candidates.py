@@ -13,9 +13,13 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
 * allocation ``l1`` (= ``mix1``), ``uniform`` (= ``mix0``), ``mixW`` (W x L1's fractions + (1 - W) x
   uniform's, 0 <= W <= 1), ``tiltB`` (uniform tilted with depth: fractions x exp(B (depth - 1/2)), depth 0
   for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both);
-* an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``activation``, ``separability``.
+  prefixed with ``synflow``, SynFlow's own allocation takes L1's place (``synflow`` = SynFlow's,
+  ``synflowmix0.5``, ``synflowtilt+1`` = SynFlow's tilted);
+* an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``synflow`` (both data-free: weights
+  only), ``activation``, ``separability`` (both from the probe's forward pass).
 
-E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``separability_in_mix0.5``.
+E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``separability_in_mix0.5``,
+``synflow_in_synflow`` (the SynFlow baseline's mask), ``separability_in_synflow``.
 """
 
 from __future__ import annotations
@@ -29,20 +33,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from stamp_core.baselines import score_uniform, select_spec
+from stamp_core.baselines import score_synflow, score_uniform, select_spec
 from stamp_core.channel_generator import channel_response_hook, channel_statistics
 from stamp_core.groups import PrunableStructure, score_l1
 from stamp_core.spec import PruneSpec
 
-#: rankings inside a group that need nothing beyond the probe's forward pass
-RANKINGS = ("l1", "activation", "separability")
+#: rankings inside a group that need nothing beyond the probe's forward pass (l1, synflow: the weights only)
+RANKINGS = ("l1", "synflow", "activation", "separability")
+#: data-free scores whose own allocation (each group's share under one global threshold) a candidate can mix in
+ALLOCATION_BASES = ("l1", "synflow")
 #: the task description :func:`task_features` returns, in this order
 FEATURE_NAMES = ("colourfulness", "pixel_spread", "extreme_share", "edge_energy", "head_confidence", "head_entropy",
                  "feature_separability", "log_classes", "log_per_class",
                  *(f"{part}_{stat}" for part in ("early", "mid", "late")
                    for stat in ("separability", "silent_share", "response_spread")))
 
-_ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?:mix(?P<mix>[0-9]*\.?[0-9]+))?(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)$")
+_ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?P<base>synflow)?(?:mix(?P<mix>[0-9]*\.?[0-9]+))?"
+                         r"(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)$")
 
 
 @dataclass(frozen=True)
@@ -50,14 +57,16 @@ class MaskCandidate:
     """One mask recipe of the family (see the module docstring).
 
     Args:
-        mix: weight of L1's allocation against uniform width, in [0, 1] (1 = L1's, 0 = uniform).
+        mix: weight of ``base``'s own allocation against uniform width, in [0, 1] (1 = base's, 0 = uniform).
         tilt: depth tilt B of the fractions (0 = none; + keeps deep groups wider).
         ranking: channel ranking inside a group, one of :data:`RANKINGS`.
+        base: whose allocation ``mix`` weighs, one of :data:`ALLOCATION_BASES`.
     """
 
     mix: float
     tilt: float = 0.0
     ranking: str = "l1"
+    base: str = "l1"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.mix, (int, float)) and 0.0 <= self.mix <= 1.0):
@@ -66,9 +75,21 @@ class MaskCandidate:
             raise ValueError(f"tilt={self.tilt!r}: expected a finite depth tilt in [-4, 4]")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking={self.ranking!r}: expected one of {', '.join(RANKINGS)}")
+        if self.base not in ALLOCATION_BASES:
+            raise ValueError(f"base={self.base!r}: expected one of {', '.join(ALLOCATION_BASES)}")
+        if self.base != "l1" and self.mix == 0.0:
+            raise ValueError(f"base={self.base!r} with mix=0 is uniform width: use base='l1' (one name per mask)")
+
+    @property
+    def uses_synflow(self) -> bool:
+        """Whether building the candidate needs the backbone's SynFlow scores."""
+        return "synflow" in (self.base, self.ranking)
 
     @property
     def allocation(self) -> str:
+        if self.base != "l1":
+            mix = f"mix{self.mix:g}" if self.mix != 1.0 else ""
+            return self.base + mix + (f"tilt{self.tilt:+g}" if self.tilt != 0.0 else "")
         if self.tilt == 0.0 and self.mix in (0.0, 1.0):
             return "l1" if self.mix == 1.0 else "uniform"
         mix = "" if self.mix == 0.0 and self.tilt != 0.0 else f"mix{self.mix:g}"
@@ -87,13 +108,16 @@ class MaskCandidate:
         if not found or not allocation or (sep and ranking not in RANKINGS):
             raise ValueError(
                 f"unknown mask candidate {name!r}: expected [<ranking>_in_]<allocation> with ranking one of "
-                f"{', '.join(RANKINGS)} and allocation l1, uniform, mixW (0<=W<=1), tiltB (e.g. tilt+1) or mixWtiltB")
+                f"{', '.join(RANKINGS)} and allocation l1, uniform, mixW (0<=W<=1), tiltB (e.g. tilt+1) or mixWtiltB, "
+                f"optionally prefixed with synflow (SynFlow's allocation in L1's place: synflow, synflowmix0.5)")
         if found["named"]:
             mix = 1.0 if found["named"] == "l1" else 0.0
+        elif found["base"]:  # SynFlow's allocation itself unless a weight is given
+            mix = float(found["mix"]) if found["mix"] is not None else 1.0
         else:
             mix = float(found["mix"]) if found["mix"] is not None else 0.0
         tilt = float(found["tilt"]) if found["tilt"] is not None else 0.0
-        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1")
+        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1", base=found["base"] or "l1")
 
 
 @dataclass
@@ -108,13 +132,15 @@ class TaskProbe:
     activation: list[torch.Tensor]  #: per group, mean post-ReLU response of each channel on the sample
     separability: list[torch.Tensor]  #: per group, share of each channel's response variance explained by the class
     features: dict[str, float]  #: named task description
+    synflow: list[torch.Tensor] | None = None  #: per group, SynFlow score of each channel (the weights'; no data)
 
 
 def probe_task(backbone: nn.Module, structure: PrunableStructure, images: torch.Tensor, labels: torch.Tensor,
-               l1: Sequence[torch.Tensor] | None = None) -> TaskProbe:
+               l1: Sequence[torch.Tensor] | None = None, synflow: Sequence[torch.Tensor] | None = None) -> TaskProbe:
     """One forward pass of ``images`` (prepared, a class-balanced sample) through ``backbone``.
 
-    ``l1`` may be passed when already computed for these weights (it depends on the weights only).
+    ``l1`` and ``synflow`` may be passed when already computed for these weights (they depend on the weights
+    only; SynFlow costs one pass of a single all-ones image).
     """
     responses: list[list[torch.Tensor]] = [[] for _ in structure.groups]
     handles = []
@@ -139,6 +165,7 @@ def probe_task(backbone: nn.Module, structure: PrunableStructure, images: torch.
         activation=[r.double().mean(0) for r in per_group],
         separability=[st[:, 2].double() for st in stats],
         features=task_features(images, labels, feats, logits, per_group, stats),
+        synflow=[s.double() for s in (synflow if synflow is not None else score_synflow(backbone, structure))],
     )
 
 
@@ -214,13 +241,14 @@ def kept_fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]
     return [len(spec.kept[g.name]) / g.size for g in structure.groups]
 
 
-def candidate_fractions(candidate: MaskCandidate, l1: Sequence[torch.Tensor], structure: PrunableStructure,
+def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], structure: PrunableStructure,
                         backbone_config: dict[str, Any], macs_ratio: float) -> list[float]:
-    """Per-group keep fractions of ``candidate``'s allocation at budget ``macs_ratio`` (before the threshold)."""
+    """Per-group keep fractions of ``candidate``'s allocation at budget ``macs_ratio`` (before the threshold);
+    ``base``: the channel scores of ``candidate.base`` (L1 or SynFlow), whose own allocation ``mix`` weighs."""
     uniform = kept_fractions(select_spec(score_uniform(structure), structure, backbone_config, macs_ratio), structure)
     fractions = uniform
     if candidate.mix > 0.0:
-        own = kept_fractions(select_spec(l1, structure, backbone_config, macs_ratio, normalize=True), structure)
+        own = kept_fractions(select_spec(base, structure, backbone_config, macs_ratio, normalize=True), structure)
         fractions = [candidate.mix * a + (1.0 - candidate.mix) * b for a, b in zip(own, uniform)]
     if candidate.tilt != 0.0:
         last = max(len(fractions) - 1, 1)
@@ -234,7 +262,11 @@ def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure:
     multiple of this many channels per group)."""
     if isinstance(candidate, str):
         candidate = MaskCandidate.parse(candidate)
-    fractions = candidate_fractions(candidate, probe.l1, structure, backbone_config, macs_ratio)
-    ranking = {"l1": probe.l1, "activation": probe.activation, "separability": probe.separability}[candidate.ranking]
+    if candidate.uses_synflow and probe.synflow is None:
+        raise ValueError(f"candidate {candidate.name!r} reads SynFlow scores: the probe has none (pass synflow=)")
+    scores = {"l1": probe.l1, "synflow": probe.synflow, "activation": probe.activation,
+              "separability": probe.separability}
+    fractions = candidate_fractions(candidate, scores[candidate.base], structure, backbone_config, macs_ratio)
+    ranking = scores[candidate.ranking]
     return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio, round_to,
                               metadata={"method": "candidate", "candidate": candidate.name})

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config
-from stamp_core.candidates import task_features
+from stamp_core.baselines import score_synflow
+from stamp_core.candidates import MaskCandidate, task_features
 from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_response_hook, channel_statistics
 from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure, score_l1
 from stamp_core.mask_generator import TASK_NORMS, MaskGenerator, kumaraswamy_mean
@@ -241,16 +242,17 @@ class StampPruner(nn.Module):
     def select_support(self, labels: torch.Tensor | None, n: int, min_per_class: int = 1) -> torch.Tensor:
         """Indices of a deterministic class-balanced subset of at most ``max_support`` images.
 
-        With ``min_per_class`` > 1 and more classes than the cap allows at that many images each, an evenly
-        spread subset of the classes is kept instead (class separability needs two images of a class).
+        With ``min_per_class`` > 1 and more classes than the cap allows at that many images each (or as many as
+        a typical class holds, if fewer), an evenly spread subset of the classes is kept instead.
         """
         cap = self.config.max_support
         if n <= cap and min_per_class <= 1:
             return torch.arange(n)
         if labels is None:
             return torch.linspace(0, n - 1, min(n, cap)).round().long()
-        classes = torch.unique(labels)
+        classes, counts = torch.unique(labels, return_counts=True)
         per_class = max(min_per_class, min(self.config.support_per_class, cap // len(classes)))
+        per_class = min(per_class, max(2, int(counts.median())))  # no more than the classes hold
         if per_class * len(classes) > cap:
             classes = classes[torch.linspace(0, len(classes) - 1, max(1, cap // per_class)).round().long().unique()]
         picked = [torch.nonzero(labels == c).flatten()[:per_class] for c in classes]
@@ -305,7 +307,10 @@ class StampPruner(nn.Module):
         ``images`` (checked, prepared images) and, for the channel generator, per-channel statistics
         of the same forward pass. Gradients flow to the encoder, not to the backbone."""
         if isinstance(self.generator, OutcomeMaskGenerator):
-            idx = self.select_support(labels, len(images), min_per_class=2)
+            # The predictor was fitted on probes of support_per_class images per class: a many-class task keeps
+            # that many per class on a subset of its classes, not two images of each (class separability from
+            # two images per class is mostly noise: its expected value by chance is (classes - 1) / (images - 1)).
+            idx = self.select_support(labels, len(images), min_per_class=self.config.support_per_class)
             num_classes = None if labels is None else int(torch.unique(labels).numel())
             return self._probe_summary(images[idx], None if labels is None else labels[idx], num_classes)
         idx = self.select_support(labels, len(images))
@@ -377,8 +382,7 @@ class StampPruner(nn.Module):
             if isinstance(self.generator, OutcomeMaskGenerator):
                 summary = self._as_summary(embedding)
                 chosen = self.generator.choose(summary.embedding.double(), r)
-                return self.generator.build(chosen, summary.channel_stats or [], self.structure, self.backbone.config,
-                                            r, round_to)
+                return self._build_candidate(chosen, summary, r, round_to)
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
@@ -411,8 +415,15 @@ class StampPruner(nn.Module):
         finally:
             self.train(was_training)
         ranked = self.generator.predictor.rank(summary.embedding.double(), r)[:max(1, k)]
-        return [self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config, r, round_to)
-                for name in ranked]
+        return [self._build_candidate(name, summary, r, round_to) for name in ranked]
+
+    def _build_candidate(self, name: str, summary: TaskSummary, macs_ratio: float, round_to: int) -> PruneSpec:
+        """The outcome generator's candidate ``name`` for a task summary (SynFlow scores only when it reads them:
+        they depend on the weights alone and cost one pass of a single image)."""
+        assert isinstance(self.generator, OutcomeMaskGenerator)
+        synflow = score_synflow(self.backbone, self.structure) if MaskCandidate.parse(name).uses_synflow else None
+        return self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config,
+                                    macs_ratio, round_to, synflow=synflow)
 
     @torch.no_grad()
     def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TaskSummary:

@@ -6,7 +6,8 @@ from the dataset's training split, or from its test split for datasets the backb
 the sample once (:func:`stamp_core.candidates.probe_task`: the features a pruner sees at prune time), then
 prunes the backbone with every candidate at every budget, fine-tunes it as ``stamp prune`` does and scores it
 on the dev images. It writes one JSON *part* per task under ``<storage_path>/<run_name>/parts/``; a re-run
-skips tasks whose part exists, so the table grows across runs and survives a lost driver. At the end the
+skips tasks whose part holds every row the config asks for and fine-tunes only the missing rows of the others
+(a config with more candidates, budgets or seeds), so the table grows across runs and survives a lost driver. At the end the
 driver joins the parts into ``table.jsonl`` beside them and logs counts (and the table) to MLflow.
 
 Read the table back with :func:`load_outcome_table`.
@@ -58,7 +59,7 @@ class OutcomesResult:
     location: str  #: where the parts and the table are
     planned: int  #: tasks in the plan
     recorded: int  #: tasks with a part after this run
-    new: int  #: tasks recorded by this run
+    new: int  #: tasks recorded or grown (rows added for new candidates, budgets or seeds) by this run
     failed: dict[str, str]  #: task id -> error, for tasks that failed in this run
     rows: int  #: (task, budget, candidate, seed) rows in the table
     seconds: float
@@ -133,9 +134,23 @@ def _task_arrays(cfg: OutcomesConfig, task: OutcomeTask, catalog_url: str, endpo
     return x_train, y_train, x_dev, y_dev, sample
 
 
+def row_key(row: dict[str, Any]) -> tuple[float, str, int]:
+    """A table row's identity within its task: (budget, candidate, fine-tune seed)."""
+    return float(row["r"]), str(row["candidate"]), int(row["seed"])
+
+
+def wanted_keys(cfg: OutcomesConfig) -> set[tuple[float, str, int]]:
+    """The rows the config asks of every task."""
+    return {(float(r), name, int(seed)) for r in cfg.budgets for name in cfg.candidates for seed in cfg.seeds}
+
+
 def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any], catalog_url: str,
-               endpoint: str | None) -> dict[str, Any]:
-    """The task's record: its features and one row per (budget, candidate, seed)."""
+               endpoint: str | None, existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task's record: its features and one row per (budget, candidate, seed).
+
+    ``existing``: the task's record from an earlier run (e.g. with fewer candidates); its rows are kept and only
+    the missing ones are fine-tuned, so adding candidates to the config grows every recorded task.
+    """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     net = build_backbone_from_config(backbone["config"])
@@ -143,30 +158,44 @@ def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any],
     structure = analyze_structure(net, (net.in_channels, cfg.data.image_size, cfg.data.image_size))
     x, y, x_dev, y_dev, sample = _task_arrays(cfg, task, catalog_url, endpoint)
     probe = probe_task(net, structure, x[sample], y[sample], score_l1(net, structure))
-    rows = []
+    rows = list(existing["rows"]) if existing else []
+    done = {row_key(row) for row in rows}
     for r in cfg.budgets:
         for name in cfg.candidates:
+            if all((float(r), name, int(seed)) in done for seed in cfg.seeds):
+                continue
             spec = build_candidate(name, probe, structure, net.config, r)
             for seed in cfg.seeds:
+                if (float(r), name, int(seed)) in done:
+                    continue
                 ft = TrainConfig(epochs=cfg.finetune.epochs, batch_size=cfg.finetune.batch_size, lr=cfg.finetune.lr, seed=seed)
                 result = prune_and_finetune(net, spec, x, y, x_dev, y_dev, ft)
                 rows.append({"r": r, "candidate": name, "seed": seed, "accuracy": round(float(result.accuracy), 5),
                              "macs_ratio": round(spec.macs_pruned / spec.macs_full, 5),
                              "kept_fractions": [round(f, 4) for f in kept_fractions(spec, structure)]})
+    if existing and existing.get("backbone") != backbone["source"]:
+        raise ValueError(f"task {task.task_id}: its recorded rows are on {existing.get('backbone')}, this run's "
+                         f"backbone is {backbone['source']}: outcomes of two backbones cannot share a table "
+                         f"(use another run_name)")
+    seconds = time.perf_counter() - t0 + (float(existing.get("seconds", 0.0)) if existing else 0.0)
     return {"task_id": task.task_id, "dataset": task.dataset, "split": task_split(cfg, task.dataset),
             "classes": list(task.classes), "ways": len(task.classes),
             "train_images": len(y), "dev_images": len(y_dev), "features": probe.features, "rows": rows,
-            "backbone": backbone["source"], "stamp_version": stamp_version,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "backbone": backbone["source"], "stamp_version": stamp_version, "seconds": round(seconds, 1)}
 
 
 def _score_and_write(cfg_json: dict[str, Any], task: dict[str, Any], backbone: dict[str, Any], catalog_url: str,
                      endpoint: str | None, location: str) -> dict[str, Any]:
-    """Ray task body: score one task and write its part (a part exists only for a finished task)."""
+    """Ray task body: score one task (the missing rows of its part, if it has one) and write its part; a part is
+    replaced only by a record holding all of its rows and more."""
     cfg = OutcomesConfig.model_validate(cfg_json)
-    record = score_task(cfg, OutcomeTask(**{**task, "classes": tuple(task["classes"])}), backbone, catalog_url, endpoint)
+    existing = _read_part(location, _part_name(task["task_id"]))
+    t0 = time.perf_counter()
+    record = score_task(cfg, OutcomeTask(**{**task, "classes": tuple(task["classes"])}), backbone, catalog_url, endpoint,
+                        existing)
     _write_text(location, f"{PARTS_DIR}/{_part_name(record['task_id'])}", json.dumps(record))
-    return {"task_id": record["task_id"], "rows": len(record["rows"]), "seconds": record["seconds"]}
+    added = len(record["rows"]) - (len(existing["rows"]) if existing else 0)
+    return {"task_id": record["task_id"], "rows": added, "seconds": time.perf_counter() - t0}
 
 
 # =============================================================================== storage
@@ -203,6 +232,16 @@ def _recorded_parts(location: str) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     return {i.base_name: i.path for i in infos if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(".json")}
+
+
+def _read_part(location: str, name: str) -> dict[str, Any] | None:
+    """The record in part ``name`` under ``location``, or None when there is none."""
+    path = _recorded_parts(location).get(name)
+    if path is None:
+        return None
+    fs, _ = _fs(location)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
 
 
 def iter_outcome_records(location: str) -> Iterator[dict[str, Any]]:
@@ -249,14 +288,17 @@ def run_outcomes(cfg: OutcomesConfig) -> OutcomesResult:
     net = load_backbone(cfg.pretrained, tracking_uri=resolved_tracking_uri(cfg.mlflow))
     backbone = ray.put({"config": dict(net.config), "state": net.state_dict(), "source": cfg.pretrained})
     plan = plan_tasks(cfg, catalog, sources)
-    done = set(_recorded_parts(location))
-    recorded_before = sum(1 for t in plan if _part_name(t.task_id) in done)
-    todo = [t for t in plan if _part_name(t.task_id) not in done]
+    wanted = wanted_keys(cfg)
+    rows_of = {r["task_id"]: {row_key(row) for row in r["rows"]} for r in iter_outcome_records(location)}
+    partial = [t for t in plan if t.task_id in rows_of and not wanted <= rows_of[t.task_id]]
+    recorded_before = sum(1 for t in plan if t.task_id in rows_of)
+    fresh = [t for t in plan if t.task_id not in rows_of]
     if cfg.max_tasks is not None:
-        todo = todo[:max(0, cfg.max_tasks - recorded_before)]
-    print(f"[stamp outcomes {cfg.run_name}] {len(plan)} tasks planned, {recorded_before} recorded, "
-          f"{len(todo)} to do, {len(cfg.budgets) * len(cfg.candidates) * len(cfg.seeds)} fine-tunes each; "
-          f"parts in {location}/{PARTS_DIR}", flush=True)
+        fresh = fresh[:max(0, cfg.max_tasks - recorded_before)]
+    todo = partial + fresh  # recorded tasks first: the table stays rectangular as it grows in candidates
+    print(f"[stamp outcomes {cfg.run_name}] {len(plan)} tasks planned, {recorded_before} recorded "
+          f"({len(partial)} missing some of this config's rows), {len(fresh)} new to do, {len(wanted)} fine-tunes "
+          f"each; parts in {location}/{PARTS_DIR}", flush=True)
     remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=cfg.max_failures)(_score_and_write)
     cfg_json = cfg.model_dump(mode="json")
     endpoint = s3_endpoint()
@@ -278,8 +320,8 @@ def run_outcomes(cfg: OutcomesConfig) -> OutcomesResult:
             log.warning("outcome task %s failed: %s", task_id, failed[task_id])
             continue
         new += 1
-        print(f"[stamp outcomes {cfg.run_name}] {recorded_before + new}/{len(plan)} {task_id}: "
-              f"{info['rows']} rows in {info['seconds']:.0f} s", flush=True)
+        print(f"[stamp outcomes {cfg.run_name}] {new}/{len(todo)} {task_id}: "
+              f"{info['rows']} rows added in {info['seconds']:.0f} s", flush=True)
     records = list(iter_outcome_records(location))
     _write_text(location, TABLE_FILE, "".join(json.dumps(r) + "\n" for r in records))
     result = OutcomesResult(location=location, planned=len(plan), recorded=len(records), new=new, failed=failed,

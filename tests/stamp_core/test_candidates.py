@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,29 +37,62 @@ def _task(family: str, classes: int = 4, per_class: int = 10, seed: int = 0) -> 
     return make_images(family, y, gen), y  # already prepared: [-1, 1], (N, 3, 32, 32)
 
 
-@pytest.mark.parametrize("name, mix, tilt, ranking", [
-    ("l1", 1.0, 0.0, "l1"), ("uniform", 0.0, 0.0, "l1"), ("mix0.5", 0.5, 0.0, "l1"), ("tilt+1", 0.0, 1.0, "l1"),
-    ("tilt-0.5", 0.0, -0.5, "l1"), ("mix0.5tilt+1", 0.5, 1.0, "l1"), ("mix1tilt+1", 1.0, 1.0, "l1"),
-    ("separability_in_l1", 1.0, 0.0, "separability"), ("activation_in_mix0.25tilt-1", 0.25, -1.0, "activation"),
+@pytest.mark.parametrize("name, mix, tilt, ranking, base", [
+    ("l1", 1.0, 0.0, "l1", "l1"), ("uniform", 0.0, 0.0, "l1", "l1"), ("mix0.5", 0.5, 0.0, "l1", "l1"),
+    ("tilt+1", 0.0, 1.0, "l1", "l1"), ("tilt-0.5", 0.0, -0.5, "l1", "l1"), ("mix0.5tilt+1", 0.5, 1.0, "l1", "l1"),
+    ("mix1tilt+1", 1.0, 1.0, "l1", "l1"), ("separability_in_l1", 1.0, 0.0, "separability", "l1"),
+    ("activation_in_mix0.25tilt-1", 0.25, -1.0, "activation", "l1"),
+    ("synflow", 1.0, 0.0, "l1", "synflow"), ("synflow_in_synflow", 1.0, 0.0, "synflow", "synflow"),
+    ("separability_in_synflowmix0.5tilt+1", 0.5, 1.0, "separability", "synflow"),
+    ("synflow_in_uniform", 0.0, 0.0, "synflow", "l1"), ("synflowtilt+1", 1.0, 1.0, "l1", "synflow"),
 ])
-def test_names_parse_and_print_back(name: str, mix: float, tilt: float, ranking: str) -> None:
+def test_names_parse_and_print_back(name: str, mix: float, tilt: float, ranking: str, base: str) -> None:
     candidate = MaskCandidate.parse(name)
-    assert (candidate.mix, candidate.tilt, candidate.ranking) == (mix, tilt, ranking)
+    assert (candidate.mix, candidate.tilt, candidate.ranking, candidate.base) == (mix, tilt, ranking, base)
     assert candidate.name == name
     assert MaskCandidate.parse(candidate.name) == candidate
 
 
-@pytest.mark.parametrize("name", ["", "l2", "mix1.5", "snip_in_l1", "separability_in_", "tilt1", "mix0.5tilt", "L1"])
+@pytest.mark.parametrize("name", ["", "l2", "mix1.5", "snip_in_l1", "separability_in_", "tilt1", "mix0.5tilt", "L1",
+                                  "synflowl1", "l1synflow", "synflow_in_snip"])
 def test_a_bad_name_is_refused_with_the_grammar(name: str) -> None:
     with pytest.raises(ValueError, match=r"unknown mask candidate .*expected \[<ranking>_in_\]<allocation>|mix=.*expected a weight"):
         MaskCandidate.parse(name)
 
 
 def test_bad_fields_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"ranking='snip': expected one of l1, activation, separability"):
+    with pytest.raises(ValueError, match=r"ranking='snip': expected one of l1, synflow, activation, separability"):
         MaskCandidate(mix=1.0, ranking="snip")
+    with pytest.raises(ValueError, match=r"base='synflow' with mix=0 is uniform width"):
+        MaskCandidate.parse("synflowmix0")
+    with pytest.raises(ValueError, match=r"base='snip': expected one of l1, synflow"):
+        MaskCandidate(mix=1.0, base="snip")
     with pytest.raises(ValueError, match=r"tilt=inf: expected a finite depth tilt"):
         MaskCandidate(mix=1.0, tilt=math.inf)
+
+
+def test_synflow_in_synflow_is_the_synflow_baselines_mask(resnet: tuple) -> None:
+    from stamp_core.baselines import score_synflow
+
+    net, structure = resnet
+    x, y = _task("color")
+    probe = probe_task(net, structure, x, y)
+    synflow = score_synflow(net, structure)
+    assert all(torch.equal(a, b.double()) for a, b in zip(probe.synflow, synflow))
+    for r in (0.5, 0.3, 0.1):
+        baseline = select_spec(synflow, structure, net.config, r, normalize=True)
+        candidate = build_candidate("synflow_in_synflow", probe, structure, net.config, r)
+        # the same channels, up to the calibration's use of the budget's slack (one channel at r=0.1 here)
+        differ = sum(len(set(candidate.kept[g]) ^ set(baseline.kept[g])) for g in baseline.kept)
+        assert differ <= 2, (r, differ)
+        # SynFlow's allocation with L1's ranking keeps about as many channels per group, many of them others
+        l1_ranked = build_candidate("synflow", probe, structure, net.config, r)
+        assert sum(abs(len(l1_ranked.kept[g]) - len(baseline.kept[g])) for g in baseline.kept) <= 2
+        assert sum(len(set(l1_ranked.kept[g]) ^ set(baseline.kept[g])) for g in baseline.kept) > 20
+    no_synflow = dataclasses.replace(probe, synflow=None)
+    with pytest.raises(ValueError, match="'separability_in_synflow' reads SynFlow scores: the probe has none"):
+        build_candidate("separability_in_synflow", no_synflow, structure, net.config, 0.3)
+    assert build_candidate("separability_in_l1", no_synflow, structure, net.config, 0.3).kept  # needs none
 
 
 def test_every_candidate_meets_the_budget_and_the_family_spans_allocations(resnet: tuple) -> None:

@@ -23,9 +23,9 @@ def _task(family: str, gray: bool = False, classes: int = 4, per_class: int = 10
     return (x.mean(1, keepdim=True).expand_as(x).contiguous() if gray else x), y
 
 
-def _pruner() -> StampPruner:
+def _pruner(candidates: list[str] = CANDIDATES) -> StampPruner:
     torch.manual_seed(0)
-    pruner = StampPruner.create(build_backbone("resnet20", 10), generator="outcome", candidates=CANDIDATES,
+    pruner = StampPruner.create(build_backbone("resnet20", 10), generator="outcome", candidates=candidates,
                                 embed_dim=8, num_heads=2, num_inducing=2, hidden_dim=8)
     # A predictor that prefers uniform width on grayscale tasks and the tilted separability mask on colour ones.
     colour = FEATURE_NAMES.index("colourfulness")
@@ -34,7 +34,7 @@ def _pruner() -> StampPruner:
     feats += 1e-3 * torch.randn(feats.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rel = torch.zeros(40, 3, dtype=torch.float64)
     rel[:20, 1], rel[20:, 2] = 5.0, 5.0
-    fitted = OutcomePredictor.fit(feats, torch.full((40,), 0.3, dtype=torch.float64), rel, CANDIDATES, FEATURE_NAMES, ridge=1e-3)
+    fitted = OutcomePredictor.fit(feats, torch.full((40,), 0.3, dtype=torch.float64), rel, candidates, FEATURE_NAMES, ridge=1e-3)
     pruner.generator.predictor.load_state_dict(fitted.state_dict())
     return pruner.eval()
 
@@ -52,6 +52,17 @@ def test_it_chooses_per_task_and_builds_that_candidate_exactly() -> None:
     direct = build_candidate("separability_in_tilt+1", probe, pruner.structure, pruner.backbone.config, 0.3)
     assert direct.kept == colour.kept
     assert pruner.generate(colour_x, colour_y, macs_ratio=0.3, round_to=4).kept_counts() != colour.kept_counts()
+
+
+def test_a_synflow_candidate_is_built_from_the_backbones_synflow_scores() -> None:
+    pruner = _pruner(["l1", "uniform", "separability_in_synflowtilt+1"])
+    colour_x, colour_y = _task("color")
+    spec = pruner.generate(colour_x, colour_y, macs_ratio=0.3)
+    assert spec.metadata["candidate"] == "separability_in_synflowtilt+1"
+    probe = probe_task(pruner.backbone, pruner.structure, colour_x, colour_y)
+    direct = build_candidate("separability_in_synflowtilt+1", probe, pruner.structure, pruner.backbone.config, 0.3)
+    assert direct.kept == spec.kept
+    assert [s.kept for s in pruner.propose(colour_x, colour_y, 0.3, k=2)][0] == spec.kept
 
 
 def test_the_mean_embedding_is_one_choice_for_every_task() -> None:
@@ -125,17 +136,23 @@ def test_select_mask_keeps_the_candidate_that_scores_best_on_the_held_out_share(
         select_mask(pruner, x, y, 0.3, k=0, finetune=TrainConfig(epochs=1))
 
 
-def test_a_task_with_more_classes_than_the_sample_holds_keeps_two_images_of_a_class() -> None:
-    """242 classes and a 400-image cap: one image per class would make every channel perfectly 'separable';
-    the outcome generator reads 2 images each of an evenly spread 200 classes and still counts 242."""
+def test_a_task_with_more_classes_than_the_sample_holds_keeps_many_images_of_fewer_classes() -> None:
+    """242 classes and a 400-image cap: one or two images per class would make every channel look 'separable'
+    (by chance, (classes - 1) / (images - 1) of a channel's variance is explained by the class); the outcome
+    generator reads as many images per class as its predictor was fitted on (support_per_class, 20), or all a
+    class holds if fewer, of an evenly spread subset of the classes, and still counts 242."""
     pruner = _pruner()
+    assert (pruner.config.support_per_class, pruner.config.max_support) == (20, 400)
+    y = torch.arange(242).repeat_interleave(16)  # Omniglot's shape: 16 drawings of each character
+    idx = pruner.select_support(y, len(y), min_per_class=20)
+    assert len(idx) == 400 and set(torch.bincount(y[idx]).tolist()) <= {0, 16} and y[idx].unique().numel() == 25
     y = torch.arange(242).repeat_interleave(3)
     x = make_images("color", y % 6, torch.Generator().manual_seed(0))
-    idx = pruner.select_support(y, len(y), min_per_class=2)
-    assert len(idx) == 400 and torch.bincount(y[idx]).max() == 2 and y[idx].unique().numel() == 200
+    idx = pruner.select_support(y, len(y), min_per_class=20)
+    assert len(idx) == 399 and torch.bincount(y[idx]).max() == 3 and y[idx].unique().numel() == 133
     assert len(pruner.select_support(y, len(y))) == 242  # the other generators: one image of every class
     summary = pruner.summarize(x, y)
     features = dict(zip(FEATURE_NAMES, summary.embedding.tolist()))
     assert features["log_classes"] == pytest.approx(math.log(242), abs=1e-5)
-    assert features["log_per_class"] == pytest.approx(math.log(2), abs=1e-5)
+    assert features["log_per_class"] == pytest.approx(math.log(3), abs=1e-5)
     assert 0.0 < features["mid_separability"] < 1.0

@@ -136,6 +136,16 @@ def test_ray_tasks_fill_the_table_on_s3_and_a_rerun_skips_recorded_tasks(
         _config(local_catalog, backbone_dir), Catalog.load(local_catalog), ["blobs", "stripes"]))
     done = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t"))
     assert (done.recorded, done.new) == (4, 0)
+    # a candidate added to the config grows every recorded task by its rows only; the old rows stay as they were
+    more = [*CANDIDATES, "synflow_in_synflow"]
+    grown = run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t", candidates=more))
+    assert (grown.recorded, grown.new, grown.rows) == (4, 4, 4 * 2 * len(more))
+    after = {r["task_id"]: r for r in load_outcome_table(f"{storage}/t")}
+    for before in table:
+        rows = after[before["task_id"]]["rows"]
+        assert rows[:len(before["rows"])] == before["rows"]
+        assert {(row["r"], row["candidate"]) for row in rows[len(before["rows"]):]} == {(0.3, more[-1]), (0.6, more[-1])}
+    assert run_outcomes(_config(local_catalog, backbone_dir, storage_path=storage, run_name="t", candidates=more)).new == 0
 
 
 @pytest.mark.integration
