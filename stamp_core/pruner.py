@@ -302,16 +302,27 @@ class StampPruner(nn.Module):
     def embed(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.encoder(features, labels)
 
-    def summarize(self, images: torch.Tensor, labels: torch.Tensor | None) -> TaskSummary:
+    @property
+    def min_support_per_class(self) -> int:
+        """Images per class the generator needs in its sample: a caller that subsamples a many-class task keeps this
+        many of a subset of the classes (and passes the class count to :meth:`summarize`) rather than one of each."""
+        return self.config.support_per_class if isinstance(self.generator, OutcomeMaskGenerator) else 1
+
+    def summarize(self, images: torch.Tensor, labels: torch.Tensor | None, num_classes: int | None = None) -> TaskSummary:
         """What the generator reads of a task: the set embedding of a class-balanced subset of
         ``images`` (checked, prepared images) and, for the channel generator, per-channel statistics
-        of the same forward pass. Gradients flow to the encoder, not to the backbone."""
+        of the same forward pass. Gradients flow to the encoder, not to the backbone.
+
+        ``num_classes``: the task's class count when ``images`` hold a subset of its classes (read by the outcome
+        generator's task features; default: the classes among ``labels``).
+        """
         if isinstance(self.generator, OutcomeMaskGenerator):
             # The predictor was fitted on probes of support_per_class images per class: a many-class task keeps
-            # that many per class on a subset of its classes, not two images of each (class separability from
-            # two images per class is mostly noise: its expected value by chance is (classes - 1) / (images - 1)).
-            idx = self.select_support(labels, len(images), min_per_class=self.config.support_per_class)
-            num_classes = None if labels is None else int(torch.unique(labels).numel())
+            # that many per class on a subset of its classes, not one or two images of each (class separability
+            # from two images per class is mostly noise: by chance it is (classes - 1) / (images - 1)).
+            idx = self.select_support(labels, len(images), min_per_class=self.min_support_per_class)
+            if labels is not None and num_classes is None:
+                num_classes = int(torch.unique(labels).numel())
             return self._probe_summary(images[idx], None if labels is None else labels[idx], num_classes)
         idx = self.select_support(labels, len(images))
         x, y = images[idx], (None if labels is None else labels[idx])

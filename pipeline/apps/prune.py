@@ -51,6 +51,7 @@ import torch.nn as nn
 from stamp_core import (
     PruneSpec,
     StampPruner,
+    TaskSummary,
     TrainConfig,
     default_finetune,
     build_backbone_from_config,
@@ -292,12 +293,33 @@ def load_catalog_dataset(catalog_url: str, name: str) -> ArrayDataset:
     return ArrayDataset(name, x_train, y_train, x_test, y_test, list(entry.class_names), source=f"{catalog_url}#{name}")
 
 
-def class_balanced_sample(labels: np.ndarray, per_class: int, seed: int, cap: int) -> np.ndarray:
-    """Sorted indices of at most ``per_class`` seeded random images per class, ``cap`` in all."""
-    classes = np.unique(labels)
-    per_class = max(1, min(per_class, cap // max(1, len(classes))))
+def summarize_sample(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, per_class: int,
+                     seed: int) -> tuple[TaskSummary, int]:
+    """The pruner's summary of a seeded class-balanced sample of a task's prepared images ``x`` and labels ``y``
+    (what ``stamp prune`` reads of a user's data; the benchmark's STAMP cells read the same), and the sample's size."""
+    idx = torch.from_numpy(class_balanced_sample(y.numpy(), per_class, seed, pruner.config.max_support,
+                                                 pruner.min_support_per_class))
+    with torch.no_grad():
+        return pruner.summarize(x[idx], y[idx], num_classes=int(torch.unique(y).numel())), len(idx)
+
+
+def class_balanced_sample(labels: np.ndarray, per_class: int, seed: int, cap: int, min_per_class: int = 1) -> np.ndarray:
+    """Sorted indices of at most ``per_class`` seeded random images per class, ``cap`` in all.
+
+    When ``cap`` allows fewer than ``min_per_class`` images of every class (a many-class task), a seeded random
+    subset of the classes keeps ``min_per_class`` images each (or as many as a typical class holds, if fewer)
+    instead of one or two images of every class: the outcome pruner's class separability needs several images
+    of a class (``StampPruner.min_support_per_class``).
+    """
+    classes, counts = np.unique(labels, return_counts=True)
     rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    per = max(1, min(per_class, cap // max(1, len(classes))))
+    if per < min_per_class:
+        per = max(1, min(min_per_class, max(2, int(np.median(counts)))))
+        keep = max(1, cap // per)
+        if keep < len(classes):
+            classes = np.sort(rng.choice(classes, keep, replace=False))
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
     return np.sort(np.concatenate(picked))[:cap]
 
 
@@ -643,10 +665,7 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
         torch.manual_seed(cfg.seed)
         say(f"prune to {ratio:g} of the MACs")
         t0 = time.perf_counter()
-        idx = torch.from_numpy(class_balanced_sample(task.ds.y_train, sample_per_class, cfg.seed,
-                                                     pruner.config.max_support))
-        with torch.no_grad():
-            embedding = pruner.summarize(task.x_train[idx], task.y_train[idx])
+        embedding, sample_size = summarize_sample(pruner, task.x_train, task.y_train, sample_per_class, cfg.seed)
         embed_seconds = time.perf_counter() - t0
         selection = None
         if select > 1:
@@ -672,7 +691,7 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
             torch.manual_seed(cfg.seed)
             full_result = prune_and_finetune(pruner.backbone, None, task.x_train, task.y_train, task.x_test,
                                              task.y_test, cfg, on_epoch=say.on_epoch)
-    return _Pruned(result=result, full_result=full_result, embed_seconds=embed_seconds, sample_size=len(idx),
+    return _Pruned(result=result, full_result=full_result, embed_seconds=embed_seconds, sample_size=sample_size,
                    selection=selection)
 
 

@@ -42,10 +42,11 @@ def main() -> None:
     average = predictor.feature_mean
     for spec in args.targets:
         ds = resolve_data(spec)
-        idx = class_balanced_sample(ds.y_train, 20, args.seed, pruner.config.max_support)
+        # the sample the benchmark's STAMP cells and `stamp prune` read (pipeline.apps.prune.summarize_sample)
+        idx = class_balanced_sample(ds.y_train, 20, args.seed, pruner.config.max_support, pruner.min_support_per_class)
         x, y = prepare_images(ds.x_train[idx], size), torch.as_tensor(ds.y_train[idx]).long()
         with torch.no_grad():
-            summary: TaskSummary = pruner.summarize(x, y)
+            summary: TaskSummary = pruner.summarize(x, y, num_classes=len(np.unique(ds.y_train)))
         feats = summary.embedding.double()
         print(f"\n{spec}: {len(np.unique(ds.y_train))} classes, sample of {len(idx)}")
         print("  features: " + ", ".join(f"{n} {v:.3g}" for n, v in zip(predictor.feature_names, feats.tolist())))

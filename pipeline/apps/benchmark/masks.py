@@ -52,15 +52,6 @@ class MaskResult:
     train_seconds: float = 0.0  #: a method's own training on the target (BBD), included in the mask time
 
 
-def task_embedding(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int) -> TaskSummary:
-    """STAMP's summary of a seeded class-balanced sample of ``(x, y)`` (what a user's sample would be)."""
-    from pipeline.apps.prune import class_balanced_sample
-
-    idx = torch.from_numpy(class_balanced_sample(y.numpy(), per_class, seed, pruner.config.max_support))
-    with torch.no_grad():
-        return pruner.summarize(x[idx], y[idx])
-
-
 def obtain_mask(cell: CellKey, ctx: MaskContext) -> MaskResult:
     """The cell's mask at ``cell.budget`` (timing is the caller's: everything here counts as mask time)."""
     method, cfg, pruner = cell.method, ctx.cfg, ctx.pruner
@@ -74,7 +65,9 @@ def obtain_mask(cell: CellKey, ctx: MaskContext) -> MaskResult:
             if source not in ctx.other_samples:
                 raise BenchmarkError(f"{method}: target {source!r} is not loaded (is it among the configured targets?)")
             xs, ys = ctx.other_samples[source]
-        embedding = task_embedding(pruner, xs, ys, cfg.sample_per_class, cell.seed)
+        from pipeline.apps.prune import summarize_sample
+
+        embedding, _ = summarize_sample(pruner, xs, ys, cfg.sample_per_class, cell.seed)
         return MaskResult(pruner.generate(ctx.x, ctx.y, macs_ratio=cell.budget, round_to=cfg.round_to, embedding=embedding), ctx.weights)
     if method == "stamp_mean":
         if ctx.mean_embedding is None:

@@ -287,3 +287,40 @@ def test_select_needs_an_outcome_pruner(pruner_dir: Path, tmp_path: Path) -> Non
         prune_dataset(pruner_dir, DATA_SPEC, 0.5, 0, tmp_path / "a", progress=False, select=2)
     with pytest.raises(ValueError, match="select=0: expected an integer >= 1"):
         prune_dataset(pruner_dir, DATA_SPEC, 0.5, 0, tmp_path / "b", progress=False, select=0)
+
+
+def test_a_many_class_sample_keeps_several_images_of_a_class_subset() -> None:
+    from pipeline.apps.prune import class_balanced_sample
+
+    y = np.repeat(np.arange(242), 16)  # Omniglot's shape: 242 characters, 16 drawings each
+    one_each = class_balanced_sample(y, 20, seed=0, cap=400)
+    assert len(one_each) == 242 and set(np.bincount(y[one_each])) == {1}  # the other generators: every class once
+    idx = class_balanced_sample(y, 20, seed=0, cap=400, min_per_class=20)
+    counts = np.bincount(y[idx], minlength=242)
+    assert len(idx) == 400 and set(counts) == {0, 16} and (counts > 0).sum() == 25  # all a class holds, 25 classes
+    other = class_balanced_sample(y, 20, seed=1, cap=400, min_per_class=20)
+    assert set(y[other]) != set(y[idx])  # a seeded random subset of the classes
+    assert np.array_equal(class_balanced_sample(y, 20, seed=0, cap=400, min_per_class=20), idx)
+    few = np.repeat(np.arange(10), 30)  # the cap allows 20 of each of 10 classes: min_per_class changes nothing
+    assert np.array_equal(class_balanced_sample(few, 20, 0, 400, min_per_class=20), class_balanced_sample(few, 20, 0, 400))
+
+
+def test_the_outcome_pruner_reads_a_many_class_task_through_a_class_subset(outcome_pruner_dir: Path,
+                                                                           pruner_dir: Path) -> None:
+    """summarize_sample (what `stamp prune` and the benchmark's STAMP cells read): 20 images of each of 20 classes
+    of a 100-class task, and the task's class count in the features, not one image of every class."""
+    import math
+
+    from pipeline.apps.prune import summarize_sample
+    from stamp_core.candidates import FEATURE_NAMES
+
+    pruner = StampPruner.load(outcome_pruner_dir)
+    assert (pruner.min_support_per_class, pruner.config.max_support) == (20, 400)
+    assert StampPruner.load(pruner_dir).min_support_per_class == 1  # the set encoders take one image of every class
+    y = torch.arange(100).repeat_interleave(25)
+    x = torch.randn(len(y), 3, 32, 32).clamp(-1, 1)
+    summary, size = summarize_sample(pruner, x, y, per_class=20, seed=0)
+    features = dict(zip(FEATURE_NAMES, summary.embedding.tolist()))
+    assert size == 400
+    assert features["log_classes"] == pytest.approx(math.log(100), abs=1e-5)
+    assert features["log_per_class"] == pytest.approx(math.log(20), abs=1e-5)
