@@ -11,7 +11,7 @@ Figures (medians; the machine is shared, so ratios matter more than absolutes):
    against the MACs ratio. Target: latency ratio within 1.5x of the MACs ratio.
 
 Run: .venv/bin/python tests/benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--generators faithful channel outcome]
-     [--backbones resnet20 resnet18] [--skip-latency]
+     [--backbones resnet20 resnet18] [--skip-latency] [--outcome-candidates separability_in_synflow]
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_generate(name: str, repeats: int, generator: str = "faithful") -> dict[str, float]:
+def bench_generate(name: str, repeats: int, generator: str = "faithful",
+                   candidates: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
-    extra = {"candidates": list(DEFAULT_CANDIDATES)} if generator == "outcome" else {}
+    extra = {"candidates": list(candidates or DEFAULT_CANDIDATES)} if generator == "outcome" else {}
     pruner = StampPruner.create(name, 10, generator=generator, **extra).eval()
     x = torch.rand(400, 3, 32, 32) * 2 - 1
     y = torch.arange(400) % 10
@@ -71,6 +72,9 @@ def main() -> None:
                         choices=["faithful", "channel", "outcome"])
     parser.add_argument("--skip-latency", action="store_true", help="only the generate() figures")
     parser.add_argument("--backbones", nargs="+", default=["resnet20", "resnet18"], help="for the generate() figures")
+    parser.add_argument("--outcome-candidates", nargs="+", default=None,
+                        help="the outcome generator's candidates (its untrained predictor picks the first): e.g. "
+                             "separability_in_synflow for the costliest choice, SynFlow scores + the probe's statistics")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
@@ -78,7 +82,7 @@ def main() -> None:
     print(f"{'backbone':<10} {'generator':<9} {'forward s':>10} {'generate s':>11} {'ratio':>7}")
     for name in args.backbones:
         for generator in args.generators:
-            r = bench_generate(name, args.repeats, generator)
+            r = bench_generate(name, args.repeats, generator, args.outcome_candidates)
             print(f"{name:<10} {generator:<9} {r['forward_s']:>10.3f} {r['generate_s']:>11.3f} {r['ratio']:>7.2f}")
     if args.skip_latency:
         return
