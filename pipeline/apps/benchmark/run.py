@@ -295,7 +295,9 @@ def run_benchmark(
     inputs = _Inputs(cfg)
     cells = plan_cells(cfg)
     latest: dict[str, dict[str, Any]] = {row_id(row): row for row in read_results(csv_path)}
-    todo, skipped, prints = ([], [], {}) if report_only else _to_run(cfg, cells, latest, inputs)
+    todo, skipped, prints = _to_run(cfg, cells, latest, inputs)
+    if report_only:
+        todo = []
     if todo and cfg.reuse_results:
         todo, reused, missing = _reuse(cfg, todo, prints, csv_path, latest)
         skipped += reused
@@ -325,7 +327,13 @@ def run_benchmark(
     finally:
         torch.set_num_threads(previous_threads)
 
-    rows = [latest[c.id] for c in cells if c.id in latest]
+    # Only rows recorded with the current inputs and settings: a re-fitted pruner's report must not mix in the
+    # previous pruner's cells that have not been recomputed yet (e.g. with --report-only during a run).
+    rows = [latest[c.id] for c in cells if c.id in latest and latest[c.id].get("fingerprint") == prints[c.id]]
+    stale = sum(1 for c in cells if c.id in latest) - len(rows)
+    if stale:
+        say(f"benchmark {cfg.name}: {stale} recorded cells left out of the report: recorded with other inputs or "
+            f"settings (a re-fitted pruner, changed data); run without --report-only to recompute them")
     md_path, plots = write_report(out, rows, cfg)
     result = BenchmarkResult(out, csv_path, md_path, plots, computed, skipped, failed, rows,
                              seconds=time.perf_counter() - started)

@@ -177,6 +177,10 @@ def test_resume_keys_on_contents_not_paths(tmp_path: Path) -> None:
     assert len(run_benchmark(cfg, out, progress=False).computed) == 3
     assert run_benchmark(cfg, out, progress=False).computed == []  # same contents: nothing to do
     _tiny_pruner(seed=7).save(pruner_dir)  # the same path, other weights
+    said: list[str] = []
+    stale = run_benchmark(cfg, out, progress=said.append, report_only=True)
+    assert stale.rows == [] and stale.computed == []  # the old pruner's cells are not reported as the new one's
+    assert any("3 recorded cells left out of the report" in m for m in said)
     assert len(run_benchmark(cfg, out, progress=False).computed) == 3
     x = ds.x_train.copy()
     x[0] = 255 - x[0]  # one image changed
