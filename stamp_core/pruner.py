@@ -393,7 +393,7 @@ class StampPruner(nn.Module):
             if isinstance(self.generator, OutcomeMaskGenerator):
                 summary = self._as_summary(embedding)
                 chosen = self.generator.choose(summary.embedding.double(), r)
-                return self._build_candidate(chosen, summary, r, round_to)
+                return self._build_candidates([chosen], summary, r, round_to)[0]
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
@@ -426,15 +426,17 @@ class StampPruner(nn.Module):
         finally:
             self.train(was_training)
         ranked = self.generator.predictor.rank(summary.embedding.double(), r)[:max(1, k)]
-        return [self._build_candidate(name, summary, r, round_to) for name in ranked]
+        return self._build_candidates(ranked, summary, r, round_to)
 
-    def _build_candidate(self, name: str, summary: TaskSummary, macs_ratio: float, round_to: int) -> PruneSpec:
-        """The outcome generator's candidate ``name`` for a task summary (SynFlow scores only when it reads them:
-        they depend on the weights alone and cost one pass of a single image)."""
+    def _build_candidates(self, names: Sequence[str], summary: TaskSummary, macs_ratio: float,
+                          round_to: int) -> list[PruneSpec]:
+        """The outcome generator's candidates ``names`` for a task summary (SynFlow scores once, and only when one of
+        them reads them: they depend on the weights alone and cost one pass of a single image)."""
         assert isinstance(self.generator, OutcomeMaskGenerator)
-        synflow = score_synflow(self.backbone, self.structure) if MaskCandidate.parse(name).uses_synflow else None
-        return self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config,
-                                    macs_ratio, round_to, synflow=synflow)
+        needs = any(MaskCandidate.parse(name).uses_synflow for name in names)
+        synflow = score_synflow(self.backbone, self.structure) if needs else None
+        return [self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config,
+                                     macs_ratio, round_to, synflow=synflow) for name in names]
 
     @torch.no_grad()
     def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TaskSummary:

@@ -185,11 +185,10 @@ def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any],
 
 
 def _score_and_write(cfg_json: dict[str, Any], task: dict[str, Any], backbone: dict[str, Any], catalog_url: str,
-                     endpoint: str | None, location: str) -> dict[str, Any]:
+                     endpoint: str | None, location: str, existing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ray task body: score one task (the missing rows of its part, if it has one) and write its part; a part is
     replaced only by a record holding all of its rows and more."""
     cfg = OutcomesConfig.model_validate(cfg_json)
-    existing = _read_part(location, _part_name(task["task_id"]))
     t0 = time.perf_counter()
     record = score_task(cfg, OutcomeTask(**{**task, "classes": tuple(task["classes"])}), backbone, catalog_url, endpoint,
                         existing)
@@ -232,16 +231,6 @@ def _recorded_parts(location: str) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     return {i.base_name: i.path for i in infos if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(".json")}
-
-
-def _read_part(location: str, name: str) -> dict[str, Any] | None:
-    """The record in part ``name`` under ``location``, or None when there is none."""
-    path = _recorded_parts(location).get(name)
-    if path is None:
-        return None
-    fs, _ = _fs(location)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
 
 
 def iter_outcome_records(location: str) -> Iterator[dict[str, Any]]:
@@ -289,7 +278,8 @@ def run_outcomes(cfg: OutcomesConfig) -> OutcomesResult:
     backbone = ray.put({"config": dict(net.config), "state": net.state_dict(), "source": cfg.pretrained})
     plan = plan_tasks(cfg, catalog, sources)
     wanted = wanted_keys(cfg)
-    rows_of = {r["task_id"]: {row_key(row) for row in r["rows"]} for r in iter_outcome_records(location)}
+    recorded = {r["task_id"]: r for r in iter_outcome_records(location)}  # read once: partial parts go to their task
+    rows_of = {task_id: {row_key(row) for row in r["rows"]} for task_id, r in recorded.items()}
     partial = [t for t in plan if t.task_id in rows_of and not wanted <= rows_of[t.task_id]]
     recorded_before = sum(1 for t in plan if t.task_id in rows_of)
     fresh = [t for t in plan if t.task_id not in rows_of]
@@ -309,7 +299,8 @@ def run_outcomes(cfg: OutcomesConfig) -> OutcomesResult:
     while queue or pending:
         while queue and len(pending) < cfg.scaling.num_workers:
             task = queue.pop(0)
-            ref = remote.remote(cfg_json, asdict(task), backbone, cfg.data.catalog_url, endpoint, location)
+            ref = remote.remote(cfg_json, asdict(task), backbone, cfg.data.catalog_url, endpoint, location,
+                                recorded.get(task.task_id))
             pending[ref] = task.task_id
         ready, _ = ray.wait(list(pending), num_returns=1)
         task_id = pending.pop(ready[0])

@@ -19,9 +19,9 @@ import argparse
 import numpy as np
 import torch
 
-from pipeline.apps.prune import class_balanced_sample, resolve_data
+from pipeline.apps.prune import resolve_data, summarize_sample
 from pipeline.registry import load_pruner
-from stamp_core import TaskSummary, prepare_images
+from stamp_core import prepare_images
 
 TARGETS = ("npz:../shared/datasets/cifar10.npz", "npz:../shared/datasets/dtd10.npz", "npz:../shared/datasets/omniglot.npz",
            "npz:../shared/datasets/fashion_mnist.npz?classes=6,7,8,9", "digits")
@@ -42,13 +42,11 @@ def main() -> None:
     average = predictor.feature_mean
     for spec in args.targets:
         ds = resolve_data(spec)
-        # the sample the benchmark's STAMP cells and `stamp prune` read (pipeline.apps.prune.summarize_sample)
-        idx = class_balanced_sample(ds.y_train, 20, args.seed, pruner.config.max_support, pruner.min_support_per_class)
-        x, y = prepare_images(ds.x_train[idx], size), torch.as_tensor(ds.y_train[idx]).long()
-        with torch.no_grad():
-            summary: TaskSummary = pruner.summarize(x, y, num_classes=len(np.unique(ds.y_train)))
+        # the sample the benchmark's STAMP cells and `stamp prune` read
+        x, y = prepare_images(ds.x_train, size), torch.as_tensor(ds.y_train).long()
+        summary, sample_size = summarize_sample(pruner, x, y, 20, args.seed)
         feats = summary.embedding.double()
-        print(f"\n{spec}: {len(np.unique(ds.y_train))} classes, sample of {len(idx)}")
+        print(f"\n{spec}: {len(np.unique(ds.y_train))} classes, sample of {sample_size}")
         print("  features: " + ", ".join(f"{n} {v:.3g}" for n, v in zip(predictor.feature_names, feats.tolist())))
         for r in args.budgets:
             scores = predictor(feats, r)[0]
