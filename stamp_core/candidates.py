@@ -16,7 +16,9 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
   prefixed with ``synflow``, SynFlow's own allocation takes L1's place (``synflow`` = SynFlow's,
   ``synflowmix0.5``, ``synflowtilt+1`` = SynFlow's tilted);
 * an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``synflow`` (both data-free: weights
-  only), ``activation``, ``separability`` (both from the probe's forward pass).
+  only), ``activation``, ``separability`` (both from the probe's forward pass), ``blend`` (a hedge: the mean
+  of a channel's rank inside its group by separability and by L1, so neither a noisy separability estimate
+  nor magnitude alone decides).
 
 E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``separability_in_mix0.5``,
 ``synflow_in_synflow`` (the SynFlow baseline's mask), ``separability_in_synflow``.
@@ -39,7 +41,7 @@ from stamp_core.groups import PrunableStructure, score_l1
 from stamp_core.spec import PruneSpec
 
 #: rankings inside a group that need nothing beyond the probe's forward pass (l1, synflow: the weights only)
-RANKINGS = ("l1", "synflow", "activation", "separability")
+RANKINGS = ("l1", "synflow", "activation", "separability", "blend")
 #: data-free scores whose own allocation (each group's share under one global threshold) a candidate can mix in
 ALLOCATION_BASES = ("l1", "synflow")
 #: the task description :func:`task_features` returns, in this order
@@ -256,6 +258,26 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
     return fractions
 
 
+def blend_ranking(*rankings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per group, the mean of each channel's rank percentile (0 = lowest score, 1 = highest) under every
+    ranking: rank-based, so scores of different scales weigh equally and only the order inside a group counts."""
+    if not rankings or len({len(r) for r in rankings}) != 1:
+        raise ValueError(f"blend_ranking: expected one or more rankings with the same number of groups, "
+                         f"got {[len(r) for r in rankings]}")
+    blended = []
+    for per_group in zip(*rankings):
+        n = per_group[0].numel()
+        if any(s.numel() != n for s in per_group):
+            raise ValueError(f"blend_ranking: a group's rankings differ in size: {[s.numel() for s in per_group]}")
+        total = torch.zeros(n, dtype=torch.float64)
+        for s in per_group:
+            pct = torch.empty(n, dtype=torch.float64)
+            pct[s.double().argsort(stable=True)] = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+            total += pct
+        blended.append(total / len(per_group))
+    return blended
+
+
 def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure: PrunableStructure,
                     backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1) -> PruneSpec:
     """The PruneSpec of ``candidate`` for the probed task at budget ``macs_ratio`` (``round_to``: keep a
@@ -266,6 +288,8 @@ def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure:
         raise ValueError(f"candidate {candidate.name!r} reads SynFlow scores: the probe has none (pass synflow=)")
     scores = {"l1": probe.l1, "synflow": probe.synflow, "activation": probe.activation,
               "separability": probe.separability}
+    if candidate.ranking == "blend":
+        scores["blend"] = blend_ranking(probe.separability, probe.l1)
     fractions = candidate_fractions(candidate, scores[candidate.base], structure, backbone_config, macs_ratio)
     ranking = scores[candidate.ranking]
     return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio, round_to,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stamp_core.prune import prune_and_finetune
-from stamp_core.pruner import StampPruner
+from stamp_core.pruner import StampPruner, TaskSummary
 from stamp_core.spec import PruneSpec
 from stamp_core.supervised import TrainConfig
 
@@ -51,7 +51,8 @@ def selection_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[t
 
 
 def select_mask(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, macs_ratio: float, k: int,
-                finetune: TrainConfig, fraction: float = 0.2, round_to: int = 1, seed: int = 0) -> Selection:
+                finetune: TrainConfig, fraction: float = 0.2, round_to: int = 1, seed: int = 0,
+                embedding: TaskSummary | None = None) -> Selection:
     """Score the pruner's ``k`` best-predicted masks by a short fine-tune on a held-out share of ``(x, y)``.
 
     Args:
@@ -63,12 +64,14 @@ def select_mask(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, macs_rati
         fraction: share of each class held out to score on.
         round_to: channel multiple per group.
         seed: the split's and the fine-tunes' seed.
+        embedding: the task summary the one-pass mask was generated from (``stamp prune`` reads a seeded sample),
+            so that the first proposal is that mask; default: the pruner summarizes ``(x, y)`` itself.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r}: expected a positive number of candidate masks")
     t0 = time.perf_counter()
     x, y = pruner.check_images(x, y)
-    specs = pruner.propose(x, y, macs_ratio, k, round_to)
+    specs = pruner.propose(x, y, macs_ratio, k, round_to, embedding=embedding)
     fit, held = selection_split(y, fraction, seed)
     if len(held) == 0:
         raise ValueError("selection needs at least two training images in some class to hold one out")

@@ -671,7 +671,8 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
         if select > 1:
             say(f"select among {select} proposed masks ({select_epochs}-epoch fine-tune each on a held-out split)")
             chosen = select_mask(pruner, task.x_train, task.y_train, ratio, select,
-                                 dataclasses.replace(cfg, epochs=select_epochs), round_to=round_to, seed=cfg.seed)
+                                 dataclasses.replace(cfg, epochs=select_epochs), round_to=round_to, seed=cfg.seed,
+                                 embedding=embedding)
             embed_seconds += chosen.seconds
             selection = {"scores": chosen.scores, "one_pass": chosen.one_pass, "chosen": chosen.spec.metadata.get("candidate"),
                          "epochs": select_epochs, "split_images": chosen.split_images, "seconds": chosen.seconds}

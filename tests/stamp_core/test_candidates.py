@@ -13,6 +13,7 @@ from stamp_core.baselines import score_uniform, select_spec
 from stamp_core.candidates import (
     FEATURE_NAMES,
     MaskCandidate,
+    blend_ranking,
     build_candidate,
     candidate_fractions,
     kept_fractions,
@@ -45,6 +46,7 @@ def _task(family: str, classes: int = 4, per_class: int = 10, seed: int = 0) -> 
     ("synflow", 1.0, 0.0, "l1", "synflow"), ("synflow_in_synflow", 1.0, 0.0, "synflow", "synflow"),
     ("separability_in_synflowmix0.5tilt+1", 0.5, 1.0, "separability", "synflow"),
     ("synflow_in_uniform", 0.0, 0.0, "synflow", "l1"), ("synflowtilt+1", 1.0, 1.0, "l1", "synflow"),
+    ("blend_in_tilt+1", 0.0, 1.0, "blend", "l1"),
 ])
 def test_names_parse_and_print_back(name: str, mix: float, tilt: float, ranking: str, base: str) -> None:
     candidate = MaskCandidate.parse(name)
@@ -119,6 +121,34 @@ def test_every_candidate_meets_the_budget_and_the_family_spans_allocations(resne
     separable = build_candidate("separability_in_l1", probe, structure, net.config, 0.3)
     assert separable.kept_counts() == same_l1.kept_counts()
     assert separable.kept != same_l1.kept
+
+
+def test_blend_ranking_averages_rank_percentiles_inside_each_group() -> None:
+    by_a = [torch.tensor([30.0, 20.0, 10.0, 0.0]), torch.tensor([1.0, 2.0])]
+    by_b = [torch.tensor([0.0, 0.9, 0.5, 0.2]), torch.tensor([5.0, 4.0])]  # another scale: only the order counts
+    blended = blend_ranking(by_a, by_b)
+    assert torch.allclose(blended[0], torch.tensor([0.5, 5 / 6, 0.5, 1 / 6], dtype=torch.float64))
+    assert torch.allclose(blended[1], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.equal(blend_ranking(by_b, by_b)[0].argsort(), by_b[0].argsort())  # blending one ranking keeps it
+    with pytest.raises(ValueError, match=r"same number of groups, got \[2, 1\]"):
+        blend_ranking(by_a, by_b[:1])
+    with pytest.raises(ValueError, match=r"a group's rankings differ in size: \[4, 3\]"):
+        blend_ranking(by_a[:1], [by_b[0][:3]])
+
+
+def test_the_blend_candidate_keeps_the_allocation_and_hedges_between_its_two_rankings(resnet: tuple) -> None:
+    net, structure = resnet
+    probe = probe_task(net, structure, *_task("color"))
+    masks = {name: build_candidate(f"{name}_in_uniform", probe, structure, net.config, 0.3)
+             for name in ("l1", "separability", "blend")}
+    assert masks["blend"].kept_counts() == masks["l1"].kept_counts() == masks["separability"].kept_counts()
+    blended = blend_ranking(probe.separability, probe.l1)
+    for group, scores in zip(structure.groups, blended):  # each group keeps its best channels by the blend
+        kept = masks["blend"].kept[group.name]
+        dropped = sorted(set(range(group.size)) - set(kept))
+        if dropped:
+            assert scores[list(kept)].min() >= scores[dropped].max()
+    assert masks["blend"].kept != masks["l1"].kept and masks["blend"].kept != masks["separability"].kept
 
 
 def test_mix_interpolates_between_l1_and_uniform(resnet: tuple) -> None:

@@ -136,6 +136,23 @@ def test_select_mask_keeps_the_candidate_that_scores_best_on_the_held_out_share(
         select_mask(pruner, x, y, 0.3, k=0, finetune=TrainConfig(epochs=1))
 
 
+def test_select_mask_proposes_from_the_summary_it_is_given() -> None:
+    """``stamp prune --select`` hands over the summary its one-pass mask came from: the first proposal is that mask."""
+    from stamp_core import TrainConfig
+    from stamp_core.selection import select_mask
+
+    pruner = _pruner()
+    x, y = _task("color", per_class=15)
+    other = pruner.summarize(*_task("orientation", per_class=15))
+    own_order = [s.metadata["candidate"] for s in pruner.propose(x, y, 0.3, 3)]
+    other_order = [s.metadata["candidate"] for s in pruner.propose(x, y, 0.3, 3, embedding=other)]
+    assert other_order != own_order  # else this test could not tell the summaries apart
+    chosen = select_mask(pruner, x, y, 0.3, k=3, finetune=TrainConfig(epochs=1, batch_size=32, lr=0.01), seed=0,
+                         embedding=other)
+    assert list(chosen.scores) == other_order
+    assert chosen.one_pass == pruner.generate(x, y, macs_ratio=0.3, embedding=other).metadata["candidate"]
+
+
 def test_a_task_with_more_classes_than_the_sample_holds_keeps_many_images_of_fewer_classes() -> None:
     """242 classes and a 400-image cap: one or two images per class would make every channel look 'separable'
     (by chance, (classes - 1) / (images - 1) of a channel's variance is explained by the class); the outcome
