@@ -41,6 +41,7 @@ from pipeline.registry.pyfunc_model import (
     PRUNER_ARTIFACT,
     StampPrunerModel,
     generate_spec,
+    propose_specs,
     read_params,
     split_model_input,
 )
@@ -72,7 +73,7 @@ __all__ = [
     "LINEAGE_TAG_PREFIX", "METRIC_TAG_PREFIX", "code_version", "config_hash", "lineage_tags", "package_version",
     "version_tags",
     "load_pruner", "pin_model_uri",
-    "DEFAULT_MACS_RATIO", "DEFAULT_ROUND_TO", "PRUNER_ARTIFACT", "StampPrunerModel", "generate_spec", "read_params",
+    "DEFAULT_MACS_RATIO", "DEFAULT_ROUND_TO", "PRUNER_ARTIFACT", "StampPrunerModel", "generate_spec", "propose_specs", "read_params",
     "split_model_input",
     "PRUNED_MODEL_ARTIFACT_NAME", "log_pruned_model", "pruned_signature",
     "DEFAULT_MODEL_NAME", "MODEL_ARTIFACT_NAME", "PYFUNC_MODEL_FILE", "RegisteredModel", "RegisteredPruner",

@@ -23,10 +23,13 @@ Inference contract (through ``mlflow.pyfunc.load_model(uri).predict``):
   one, the numbers reach :func:`split_model_input` as they were sent and every refusal (empty set,
   pixels outside 0..255, float pixels outside [0, 1], wrong shape) is ours, the same in Python
   and over HTTP (``mlflow models serve``, ``{"inputs": [...], "params": {...}}``, HTTP 400);
-* params: ``macs_ratio`` (float in (0, 1], default 0.5), ``round_to`` (int >= 1, default 1) and
-  ``labels`` (one class id per image, default ``[]`` = label-free pooling). Labels travel as a
-  param because an MLflow tensor signature cannot have an optional second input;
-* output: a one-element list holding the :class:`~stamp_core.PruneSpec` as JSON.
+* params: ``macs_ratio`` (float in (0, 1], default 0.5), ``round_to`` (int >= 1, default 1),
+  ``labels`` (one class id per image, default ``[]`` = label-free pooling) and ``proposals`` (int >= 1,
+  default 1: more asks an outcome pruner for its best-ranked masks, for the caller's own test-time
+  selection, as ``stamp prune --select`` does by a short fine-tune; a request cannot fine-tune). Labels
+  travel as a param because an MLflow tensor signature cannot have an optional second input;
+* output: a list holding the :class:`~stamp_core.PruneSpec` as JSON, one element (``proposals`` > 1: that
+  many, best-ranked first; the first is the one-pass mask).
 
 Called directly (``model.unwrap_python_model().predict(None, x)``) ``predict`` also accepts float
 ``(N, C, H, W)`` images in [0, 1], a dict ``{"images": ..., "labels": ...}`` and a pandas
@@ -152,8 +155,8 @@ def _check_labels(labels: Any, n: int) -> np.ndarray | None:
     return y.astype(np.int64)
 
 
-def read_params(params: dict[str, Any] | None) -> tuple[float, int, np.ndarray | None]:
-    """``(macs_ratio, round_to, labels)`` from pyfunc params, validated."""
+def read_params(params: dict[str, Any] | None) -> tuple[float, int, np.ndarray | None, int]:
+    """``(macs_ratio, round_to, labels, proposals)`` from pyfunc params, validated."""
     params = dict(params or {})
     raw_ratio = params.get("macs_ratio", DEFAULT_MACS_RATIO)
     try:
@@ -162,13 +165,17 @@ def read_params(params: dict[str, Any] | None) -> tuple[float, int, np.ndarray |
         raise ValueError(f"macs_ratio={raw_ratio!r}: expected a number in (0, 1]") from None
     if not np.isfinite(ratio) or not 0.0 < ratio <= 1.0:
         raise ValueError(f"macs_ratio={raw_ratio!r}: expected a number in (0, 1] (0.3 keeps 30% of the MACs)")
-    raw_round = params.get("round_to", DEFAULT_ROUND_TO)
-    if isinstance(raw_round, (bool, np.bool_)) or not isinstance(raw_round, (int, np.integer, float)):
-        raise ValueError(f"round_to={raw_round!r}: expected a positive integer")
-    if float(raw_round) != int(raw_round) or int(raw_round) < 1:
-        raise ValueError(f"round_to={raw_round!r}: expected a positive integer")
+    raw_round = _positive_int(params, "round_to", DEFAULT_ROUND_TO)
     labels = params.get("labels")
-    return ratio, int(raw_round), (None if labels is None else np.asarray(labels))
+    return ratio, raw_round, (None if labels is None else np.asarray(labels)), _positive_int(params, "proposals")
+
+
+def _positive_int(params: dict[str, Any], name: str, default: int = 1) -> int:
+    raw = params.get(name, default)
+    number = isinstance(raw, (int, np.integer, float, np.floating)) and not isinstance(raw, (bool, np.bool_))
+    if not number or not np.isfinite(raw) or float(raw) != int(raw) or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r}: expected a positive integer")
+    return int(raw)
 
 
 def generate_spec(
@@ -183,11 +190,34 @@ def generate_spec(
     The class-balanced subset is picked *before* ``prepare_images`` so a large upload costs the
     size of the support set (<= ``max_support`` images) in float memory, not the whole batch.
     """
+    return propose_specs(pruner, images, labels, macs_ratio, 1, round_to)[0]
+
+
+def propose_specs(
+    pruner: StampPruner,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    macs_ratio: float,
+    k: int,
+    round_to: int = 1,
+) -> list[PruneSpec]:
+    """Raw images (+ labels) -> the ``k`` best-ranked PruneSpecs, best first (``k`` > 1 needs an outcome pruner).
+
+    A many-class upload keeps ``pruner.min_support_per_class`` images of a subset of its classes (the outcome
+    pruner's class separability needs several images of a class, not one of each) and its class count.
+    """
     labels = _check_labels(labels, len(images))
-    idx = pruner.select_support(None if labels is None else torch.from_numpy(labels), len(images)).numpy()
+    y_all = None if labels is None else torch.from_numpy(labels)
+    idx = pruner.select_support(y_all, len(images), min_per_class=pruner.min_support_per_class).numpy()
     x = prepare_images(images[idx], pruner.config.image_size, channels=pruner.backbone.in_channels)
     y = None if labels is None else labels[idx]
-    return pruner.generate(x, y, macs_ratio=macs_ratio, round_to=round_to)
+    summary = None
+    if y is not None and pruner.min_support_per_class > 1:
+        with torch.no_grad():
+            summary = pruner.summarize(*pruner.check_images(x, y), num_classes=int(np.unique(labels).size))
+    if k == 1:
+        return [pruner.generate(x, y, macs_ratio=macs_ratio, round_to=round_to, embedding=summary)]
+    return pruner.propose(x, y, macs_ratio, k, round_to, embedding=summary)
 
 
 class StampPrunerModel(mlflow.pyfunc.PythonModel):
@@ -215,17 +245,18 @@ class StampPrunerModel(mlflow.pyfunc.PythonModel):
         if self.pruner is None:
             raise MlflowException("the pruner is not loaded: load the model with mlflow.pyfunc.load_model")
         try:
-            ratio, round_to, param_labels = read_params(params)
+            ratio, round_to, param_labels, proposals = read_params(params)
             images, labels = split_model_input(model_input)
             param_labels = _check_labels(param_labels, len(images))
             if labels is not None and param_labels is not None:
                 raise ValueError("labels given both in the input and in params: pass them once")
-            spec = generate_spec(self.pruner, images, labels if labels is not None else param_labels, ratio, round_to)
+            specs = propose_specs(self.pruner, images, labels if labels is not None else param_labels, ratio, proposals,
+                                  round_to)
         except ValueError as exc:
             # MlflowException is what pyfunc callers and `mlflow models serve` (HTTP 400) expect;
             # the message is ours, unchanged.
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
-        return [spec.to_json()]
+        return [spec.to_json() for spec in specs]
 
 
 mlflow.models.set_model(StampPrunerModel())

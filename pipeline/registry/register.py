@@ -60,7 +60,7 @@ RegisteredPruner = RegisteredModel
 
 
 def pruner_signature() -> Any:
-    """Params: macs_ratio, round_to, labels; output: spec JSON; no input schema (the model checks its input).
+    """Params: macs_ratio, round_to, labels, proposals; output: spec JSON(s); no input schema (the model checks its input).
 
     A tensor input schema would make MLflow's scoring server cast the JSON pixels to its dtype
     before the model sees them (floats silently truncated to uint8) and answer an empty image set
@@ -76,6 +76,7 @@ def pruner_signature() -> Any:
             ParamSpec("macs_ratio", DataType.double, DEFAULT_MACS_RATIO),
             ParamSpec("round_to", DataType.long, DEFAULT_ROUND_TO),
             ParamSpec("labels", DataType.long, [], (-1,)),
+            ParamSpec("proposals", DataType.long, 1),
         ]),
     )
 

@@ -94,6 +94,62 @@ def test_labels_param_and_round_to(store: dict[str, Any]) -> None:
     assert generate_spec(store["pruner"], x, np.array(labels), 0.5, 4).kept == spec.kept
 
 
+def _outcome_pruner() -> StampPruner:
+    """An outcome pruner whose (zero) predictor ranks its candidates in the order given."""
+    torch.manual_seed(0)
+    return StampPruner.create("small_cnn", num_classes=4, image_size=32, backbone_kwargs={"width": 8},
+                              generator="outcome", candidates=["separability_in_l1", "l1", "uniform"],
+                              embed_dim=8, num_heads=1, num_inducing=1, hidden_dim=8).eval()
+
+
+def test_a_many_class_upload_reaches_an_outcome_pruner_as_several_images_of_fewer_classes() -> None:
+    """400 images of 60 classes would be 6 per class; class separability wants the pruner's 20 (here all 12) of a
+    subset of the classes, and the task's class count in its features (the sample fix of stamp prune, served)."""
+    from pipeline.registry import generate_spec, propose_specs
+    from stamp_core import prepare_images
+    from stamp_core.candidates import FEATURE_NAMES
+
+    pruner = _outcome_pruner()
+    n_classes, per = 60, 12
+    x, y = images(n_classes * per, size=32, channels=3, seed=3), np.repeat(np.arange(n_classes), per)
+    spec = generate_spec(pruner, x, y, 0.5)
+    idx = pruner.select_support(torch.from_numpy(y), len(y), min_per_class=pruner.min_support_per_class)
+    counts = np.bincount(y[idx.numpy()])
+    assert len(idx) <= pruner.config.max_support and set(counts[counts > 0]) == {per}
+    xs, ys = prepare_images(x[idx.numpy()], 32, channels=3), torch.from_numpy(y[idx.numpy()])
+    with torch.no_grad():
+        summary = pruner.summarize(xs, ys, num_classes=n_classes)
+    assert float(summary.embedding.flatten()[FEATURE_NAMES.index("log_classes")]) == pytest.approx(np.log(n_classes), abs=1e-5)
+    assert spec.kept == pruner.generate(xs, ys, macs_ratio=0.5, embedding=summary).kept
+    assert spec.metadata["candidate"] == "separability_in_l1"
+    few = pruner.select_support(torch.from_numpy(y), len(y)).numpy()  # what serving read before: 6 of every class
+    assert set(np.bincount(y[few])) == {6}
+    assert pruner.generate(prepare_images(x[few], 32, channels=3), y[few], macs_ratio=0.5).kept != spec.kept
+    specs = propose_specs(pruner, x, y, 0.5, 3)
+    assert [s.metadata["candidate"] for s in specs] == ["separability_in_l1", "l1", "uniform"]
+    assert specs[0].kept == spec.kept
+
+
+def test_a_served_outcome_pruner_returns_its_proposals_best_first(store: dict[str, Any]) -> None:
+    """``proposals`` is in the signature: MLflow passes it on (a param the signature lacks is dropped)."""
+    import mlflow
+
+    from pipeline.registry import propose_specs
+
+    pruner = _outcome_pruner()
+    log_pruner(pruner, name="stamp-outcome-test", experiment="stamp-tests", tracking_uri=store["uri"])
+    with use_tracking_uri(store["uri"]):
+        model = mlflow.pyfunc.load_model("models:/stamp-outcome-test/1")
+    x, labels = images(24, size=32, channels=3), [i % 4 for i in range(24)]
+    out = model.predict(x, params={"macs_ratio": 0.4, "labels": labels, "proposals": 3})
+    specs = [PruneSpec.from_json(o) for o in out]
+    assert [s.metadata["candidate"] for s in specs] == ["separability_in_l1", "l1", "uniform"]
+    assert [s.kept for s in specs] == [s.kept for s in propose_specs(pruner, x, np.array(labels), 0.4, 3)]
+    assert all(real_macs_ratio(s) <= 0.4 for s in specs)
+    one = model.predict(x, params={"macs_ratio": 0.4, "labels": labels})
+    assert len(one) == 1 and PruneSpec.from_json(one[0]).kept == specs[0].kept
+
+
 @pytest.mark.parametrize(
     "case, data, params, message",
     [
@@ -103,6 +159,9 @@ def test_labels_param_and_round_to(store: dict[str, Any]) -> None:
         ("ratio nan", images(), {"macs_ratio": float("nan")}, "expected a number in (0, 1]"),
         ("ratio unreachable", images(), {"macs_ratio": 1e-6}, "below the smallest reachable ratio"),
         ("round_to 0", images(), {"round_to": 0}, "round_to=0: expected a positive integer"),
+        ("proposals 0", images(), {"proposals": 0}, "proposals=0: expected a positive integer"),
+        ("proposals from a set encoder", images(), {"proposals": 2},
+         "proposing several masks needs a pruner with generator 'outcome'"),
         ("5 channels", np.zeros((4, 32, 32, 5), np.uint8), {}, "expected (N, H, W, C) with C = 1 (grayscale) or 3"),
         ("2-d batch", np.zeros((4, 32), np.uint8), {}, "images have shape (4, 32): expected (N, H, W, C)"),
         # Nothing is rounded, clipped or rescaled: pixels that do not fit are refused.
