@@ -1,6 +1,6 @@
 """Experiment: which masks does an outcome pruner choose for each target, at each budget? No fine-tune and no
-test image: only the target's *training* images are read (a seeded sample of 20 per class, as the benchmark's
-STAMP cells read), so this may run before the benchmark to see whether the choices differ between targets and
+test image: only the target's *training* images are read (the sample a benchmark STAMP cell of seed ``--seed``
+reads: 20 per class of its seeded ``--train-per-class`` subset), so this may run before the benchmark to see whether the choices differ between targets and
 match the winners the headroom study found on the targets' dev splits.
 
 Printed per target: its task features (the probe's), and per budget the pruner's three best-ranked candidates
@@ -19,6 +19,7 @@ import argparse
 import numpy as np
 import torch
 
+from pipeline.apps.benchmark.run import per_class_subset
 from pipeline.apps.prune import resolve_data, summarize_sample
 from pipeline.registry import load_pruner
 from stamp_core import prepare_images
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3, 0.1])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-per-class", type=int, default=100, help="the benchmark's max_train_per_class")
     args = ap.parse_args()
     pruner = load_pruner(args.pruner).eval()
     if pruner.config.generator != "outcome":
@@ -42,8 +44,9 @@ def main() -> None:
     average = predictor.feature_mean
     for spec in args.targets:
         ds = resolve_data(spec)
-        # the sample the benchmark's STAMP cells and `stamp prune` read
-        x, y = prepare_images(ds.x_train, size), torch.as_tensor(ds.y_train).long()
+        # the data in hand of a benchmark cell of this seed, then the sample its STAMP mask reads
+        keep = per_class_subset(ds.y_train, args.train_per_class, args.seed)
+        x, y = prepare_images(ds.x_train[keep], size), torch.as_tensor(ds.y_train[keep]).long()
         summary, sample_size = summarize_sample(pruner, x, y, 20, args.seed)
         feats = summary.embedding.double()
         print(f"\n{spec}: {len(np.unique(ds.y_train))} classes, sample of {sample_size}")

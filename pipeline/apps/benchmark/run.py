@@ -133,7 +133,9 @@ def _load_pretrained(m: _Model) -> _Model:
     return m
 
 
-def _per_class_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+def per_class_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``per_class`` seeded random images of every class (all of them when None): with a
+    cell's seed, the training images a benchmark cell has in hand."""
     if per_class is None:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -152,7 +154,7 @@ def dev_split(ds: ArrayDataset, per_class: int) -> ArrayDataset:
     if short:
         raise BenchmarkError(f"target {ds.name!r}: evaluate_on=dev holds out dev_per_class={per_class} training images "
                              f"per class, but classes {short} (class: images) have no more than that; lower dev_per_class")
-    dev = _per_class_subset(ds.y_train, per_class, 54321)
+    dev = per_class_subset(ds.y_train, per_class, 54321)
     rest = np.setdiff1d(np.arange(len(ds.y_train)), dev)
     return dataclasses.replace(ds, x_train=ds.x_train[rest], y_train=ds.y_train[rest],
                                x_test=ds.x_train[dev], y_test=ds.y_train[dev])
@@ -171,7 +173,7 @@ def _load_target(spec: BenchmarkTarget, cfg: BenchmarkConfig) -> _Target:
         raise BenchmarkError(f"target {spec.name!r}: the train split lacks classes {sorted(set(range(ds.num_classes)) - set(present.tolist()))}")
     # One fixed test subset for every method and seed: differences are the methods', not the data's.
     content = hash_arrays(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
-    return _Target(spec, ds, _per_class_subset(ds.y_test, cfg.max_test_per_class, 12345), content)
+    return _Target(spec, ds, per_class_subset(ds.y_test, cfg.max_test_per_class, 12345), content)
 
 
 def _test_tensors(target: _Target, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +186,7 @@ def _test_tensors(target: _Target, shape: tuple[int, int, int]) -> tuple[torch.T
 
 def train_tensors(target: _Target, shape: tuple[int, int, int], seed: int, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The seed's training subset of a target, prepared: the data in hand of every cell of that seed."""
-    idx = _per_class_subset(target.data.y_train, per_class, seed)
+    idx = per_class_subset(target.data.y_train, per_class, seed)
     return prepare_images(target.data.x_train[idx], shape[1], shape[0]), torch.from_numpy(target.data.y_train[idx])
 
 
