@@ -12,7 +12,11 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
 
 * allocation ``l1`` (= ``mix1``), ``uniform`` (= ``mix0``), ``mixW`` (W x L1's fractions + (1 - W) x
   uniform's, 0 <= W <= 1), ``tiltB`` (uniform tilted with depth: fractions x exp(B (depth - 1/2)), depth 0
-  for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both);
+  for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both), each
+  optionally followed by ``streamS`` (residual-stream groups, those whose channels more than one conv writes,
+  against the convs inside blocks: fractions x exp(+S/2) on the stream, x exp(-S/2) inside; ``stream+1`` keeps
+  the stream wider and the blocks' inner convs narrower, the way Beta-Bernoulli dropout's trained masks spend a
+  small budget);
   prefixed with ``synflow``, SynFlow's own allocation takes L1's place (``synflow`` = SynFlow's,
   ``synflowmix0.5``, ``synflowtilt+1`` = SynFlow's tilted);
 * an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``synflow`` (both data-free: weights
@@ -20,7 +24,7 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
   of a channel's rank inside its group by separability and by L1, so neither a noisy separability estimate
   nor magnitude alone decides).
 
-E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``separability_in_mix0.5``,
+E.g. ``l1``, ``uniform``, ``mix0.5``, ``tilt+1``, ``mix0.5tilt+1``, ``stream+1``, ``separability_in_mix0.5``,
 ``synflow_in_synflow`` (the SynFlow baseline's mask), ``separability_in_synflow``.
 """
 
@@ -51,7 +55,7 @@ FEATURE_NAMES = ("colourfulness", "pixel_spread", "extreme_share", "edge_energy"
                    for stat in ("separability", "silent_share", "response_spread")))
 
 _ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?P<base>synflow)?(?:mix(?P<mix>[0-9]*\.?[0-9]+))?"
-                         r"(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)$")
+                         r"(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)(?:stream(?P<stream>[+-][0-9]*\.?[0-9]+))?$")
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,22 @@ class MaskCandidate:
         tilt: depth tilt B of the fractions (0 = none; + keeps deep groups wider).
         ranking: channel ranking inside a group, one of :data:`RANKINGS`.
         base: whose allocation ``mix`` weighs, one of :data:`ALLOCATION_BASES`.
+        stream: tilt S of residual-stream groups against the convs inside blocks (0 = none; + keeps the stream wider).
     """
 
     mix: float
     tilt: float = 0.0
     ranking: str = "l1"
     base: str = "l1"
+    stream: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.mix, (int, float)) and 0.0 <= self.mix <= 1.0):
             raise ValueError(f"mix={self.mix!r}: expected a weight in [0, 1] (1 = L1's allocation, 0 = uniform)")
         if not (isinstance(self.tilt, (int, float)) and math.isfinite(self.tilt) and abs(self.tilt) <= 4.0):
             raise ValueError(f"tilt={self.tilt!r}: expected a finite depth tilt in [-4, 4]")
+        if not (isinstance(self.stream, (int, float)) and math.isfinite(self.stream) and abs(self.stream) <= 4.0):
+            raise ValueError(f"stream={self.stream!r}: expected a finite stream tilt in [-4, 4]")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking={self.ranking!r}: expected one of {', '.join(RANKINGS)}")
         if self.base not in ALLOCATION_BASES:
@@ -89,14 +97,14 @@ class MaskCandidate:
 
     @property
     def allocation(self) -> str:
-        if self.base != "l1":
-            mix = f"mix{self.mix:g}" if self.mix != 1.0 else ""
-            return self.base + mix + (f"tilt{self.tilt:+g}" if self.tilt != 0.0 else "")
-        if self.tilt == 0.0 and self.mix in (0.0, 1.0):
-            return "l1" if self.mix == 1.0 else "uniform"
-        mix = "" if self.mix == 0.0 and self.tilt != 0.0 else f"mix{self.mix:g}"
         tilt = f"tilt{self.tilt:+g}" if self.tilt != 0.0 else ""
-        return mix + tilt
+        stream = f"stream{self.stream:+g}" if self.stream != 0.0 else ""
+        if self.base != "l1":
+            return self.base + (f"mix{self.mix:g}" if self.mix != 1.0 else "") + tilt + stream
+        if not tilt and not stream and self.mix in (0.0, 1.0):
+            return "l1" if self.mix == 1.0 else "uniform"
+        mix = "" if self.mix == 0.0 and (tilt or stream) else f"mix{self.mix:g}"
+        return mix + tilt + stream
 
     @property
     def name(self) -> str:
@@ -111,15 +119,20 @@ class MaskCandidate:
             raise ValueError(
                 f"unknown mask candidate {name!r}: expected [<ranking>_in_]<allocation> with ranking one of "
                 f"{', '.join(RANKINGS)} and allocation l1, uniform, mixW (0<=W<=1), tiltB (e.g. tilt+1) or mixWtiltB, "
-                f"optionally prefixed with synflow (SynFlow's allocation in L1's place: synflow, synflowmix0.5)")
+                f"optionally prefixed with synflow (SynFlow's allocation in L1's place: synflow, synflowmix0.5) and "
+                f"followed by streamS (e.g. stream+1, mix0.5stream+1)")
+        stream = float(found["stream"]) if found["stream"] is not None else 0.0
         if found["named"]:
+            if stream != 0.0:  # one name per mask: l1stream+1 is mix1stream+1, uniformstream+1 is stream+1
+                same = "mix1" + allocation[2:] if found["named"] == "l1" else allocation[len("uniform"):]
+                raise ValueError(f"unknown mask candidate {name!r}: write {same} (one name per mask)")
             mix = 1.0 if found["named"] == "l1" else 0.0
         elif found["base"]:  # SynFlow's allocation itself unless a weight is given
             mix = float(found["mix"]) if found["mix"] is not None else 1.0
         else:
             mix = float(found["mix"]) if found["mix"] is not None else 0.0
         tilt = float(found["tilt"]) if found["tilt"] is not None else 0.0
-        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1", base=found["base"] or "l1")
+        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1", base=found["base"] or "l1", stream=stream)
 
 
 @dataclass
@@ -255,7 +268,24 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
     if candidate.tilt != 0.0:
         last = max(len(fractions) - 1, 1)
         fractions = [min(1.0, f * math.exp(candidate.tilt * (g / last - 0.5))) for g, f in enumerate(fractions)]
+    if candidate.stream != 0.0:
+        stream = stream_groups(structure)
+        if not any(stream) or all(stream):
+            raise ValueError(f"candidate {candidate.name!r} tilts residual-stream groups against the convs inside "
+                             f"blocks: this structure has {'no' if not any(stream) else 'only'} stream groups "
+                             f"(a plain CNN?), so the tilt would change nothing")
+        fractions = [min(1.0, f * math.exp(candidate.stream * (0.5 if s else -0.5))) for f, s in zip(fractions, stream)]
     return fractions
+
+
+def stream_groups(structure: PrunableStructure) -> list[bool]:
+    """Per group, whether it is a residual stream: its channels are written by more than one conv (a stem or
+    shortcut and the blocks' last convs, summed), so pruning one of them narrows every block of a stage."""
+    writers = [0] * structure.num_groups
+    for layer in structure.layers:
+        if layer.out_group >= 0:
+            writers[layer.out_group] += 1
+    return [w > 1 for w in writers]
 
 
 def blend_ranking(*rankings: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from stamp_core.candidates import (
     candidate_fractions,
     kept_fractions,
     probe_task,
+    stream_groups,
 )
 from stamp_core.groups import score_l1
 from tests.stamp_core._tasks import make_images
@@ -55,8 +56,27 @@ def test_names_parse_and_print_back(name: str, mix: float, tilt: float, ranking:
     assert MaskCandidate.parse(candidate.name) == candidate
 
 
+@pytest.mark.parametrize("name, mix, tilt, stream, ranking", [
+    ("stream+1", 0.0, 0.0, 1.0, "l1"), ("mix0.5stream+0.5", 0.5, 0.0, 0.5, "l1"), ("mix1stream-1", 1.0, 0.0, -1.0, "l1"),
+    ("tilt+1stream+1", 0.0, 1.0, 1.0, "l1"), ("blend_in_mix0.5tilt+1stream+2", 0.5, 1.0, 2.0, "blend"),
+])
+def test_stream_names_parse_and_print_back(name: str, mix: float, tilt: float, stream: float, ranking: str) -> None:
+    candidate = MaskCandidate.parse(name)
+    assert (candidate.mix, candidate.tilt, candidate.stream, candidate.ranking) == (mix, tilt, stream, ranking)
+    assert candidate.name == name and MaskCandidate.parse(name) == candidate
+
+
+def test_a_stream_tilt_has_one_name_per_mask() -> None:
+    with pytest.raises(ValueError, match=r"'l1stream\+1': write mix1stream\+1 \(one name per mask\)"):
+        MaskCandidate.parse("l1stream+1")
+    with pytest.raises(ValueError, match=r"'uniformstream\+1': write stream\+1 \(one name per mask\)"):
+        MaskCandidate.parse("uniformstream+1")
+    with pytest.raises(ValueError, match=r"stream=nan: expected a finite stream tilt"):
+        MaskCandidate(mix=1.0, stream=math.nan)
+
+
 @pytest.mark.parametrize("name", ["", "l2", "mix1.5", "snip_in_l1", "separability_in_", "tilt1", "mix0.5tilt", "L1",
-                                  "synflowl1", "l1synflow", "synflow_in_snip"])
+                                  "synflowl1", "l1synflow", "synflow_in_snip", "stream1", "streamx", "stream+1tilt+1"])
 def test_a_bad_name_is_refused_with_the_grammar(name: str) -> None:
     with pytest.raises(ValueError, match=r"unknown mask candidate .*expected \[<ranking>_in_\]<allocation>|mix=.*expected a weight"):
         MaskCandidate.parse(name)
@@ -149,6 +169,30 @@ def test_the_blend_candidate_keeps_the_allocation_and_hedges_between_its_two_ran
         if dropped:
             assert scores[list(kept)].min() >= scores[dropped].max()
     assert masks["blend"].kept != masks["l1"].kept and masks["blend"].kept != masks["separability"].kept
+
+
+def test_a_stream_tilt_moves_the_budget_from_the_blocks_inner_convs_to_the_residual_stream(resnet: tuple) -> None:
+    net, structure = resnet
+    # resnet20: the stem's group (stage 1's stream) and stages 2-3's shortcut groups are each written by four convs
+    assert [g.name for g, s in zip(structure.groups, stream_groups(structure)) if s] == [
+        "conv1", "layers.1.0.shortcut.0", "layers.2.0.shortcut.0"]
+    probe = probe_task(net, structure, *_task("color"))
+    for r in (0.5, 0.3, 0.1):
+        uniform = kept_fractions(build_candidate("uniform", probe, structure, net.config, r), structure)
+        spec = build_candidate("stream+1", probe, structure, net.config, r)
+        assert spec.macs_pruned <= r * spec.macs_full and spec.macs_ratio > r - 0.01, (r, spec.macs_ratio)
+        wide = kept_fractions(spec, structure)
+        for f, u, s in zip(wide, uniform, stream_groups(structure)):
+            assert (f > u) if s else (f < u), (r, f, u, s)
+        # the same allocation with another ranking: the same counts, other channels
+        blend = build_candidate("blend_in_stream+1", probe, structure, net.config, r)
+        assert blend.kept_counts() == spec.kept_counts() and blend.kept != spec.kept
+    # without a residual stream the tilt would change nothing, so the candidate is refused
+    vgg = build_backbone("vgg11", 10).eval()
+    vgg_structure = analyze_structure(vgg, SHAPE)
+    assert not any(stream_groups(vgg_structure))
+    with pytest.raises(ValueError, match=r"'stream\+1' tilts residual-stream groups .* has no stream groups"):
+        candidate_fractions(MaskCandidate.parse("stream+1"), score_l1(vgg, vgg_structure), vgg_structure, vgg.config, 0.3)
 
 
 def test_mix_interpolates_between_l1_and_uniform(resnet: tuple) -> None:
