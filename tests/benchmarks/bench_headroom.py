@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import math
 import time
@@ -48,7 +49,8 @@ from pipeline.apps.prune import load_catalog_dataset, resolve_data
 from pipeline.data import ArrayDataset, Catalog
 from pipeline.registry import load_pruner
 from pipeline.registry.backbones import load_backbone
-from stamp_core import StampPruner, default_finetune, prepare_images, prune_and_finetune
+from stamp_core import PruneSpec, StampPruner, default_finetune, init_classifier_from_prototypes, prepare_images, prune_and_finetune
+from stamp_core.baselines import BBDConfig, ScoringInput, spec_by_criterion
 from stamp_core.channel_generator import channel_statistics
 from tests.benchmarks.bench_allocation import mask_builders, parse_mask
 from tests.benchmarks.bench_source_allocation import _class_subset
@@ -57,6 +59,10 @@ ALLOCATION_MASKS = ("l1", "uniform", "mix0.5", "tilt-1", "tilt+1")
 RANKING_MASKS = ("snip_in_l1", "synflow_in_l1", "activation_in_l1", "separability_in_l1", "random_in_l1")
 DEFAULT_MASKS = ALLOCATION_MASKS + RANKING_MASKS
 FAMILIES = ("allocation", "ranking", "all")
+#: Beta-Bernoulli dropout trained on the task (benchmark_natural.yaml's settings): its mask on the backbone's own
+#: weights (``bbd``), or on the weights BBD trained with it (``bbd_trained``, the benchmark's BBD): whether BBD's
+#: lead comes from where it puts the budget or from its extra epochs on the task
+BBD_MASKS = ("bbd", "bbd_trained")
 
 
 def load_subject(pruner: str | None, backbone: str | None, image_size: int = 32) -> StampPruner:
@@ -119,14 +125,22 @@ def run(args: argparse.Namespace) -> None:
         _append(args.out, {"type": "task", "task": name, "kind": kind, "train": len(y), "dev": len(y_dev),
                            "classes": int(len(y.unique())), "features": task_features(pruner, x[sample], y[sample])})
         build = mask_builders(pruner, x, y, sample_per_class=args.sample_per_class)
+        bbd_runs: dict[tuple[float, int], tuple[PruneSpec, torch.nn.Module]] = {}
         for r in args.budgets:
             for mask in args.masks:
                 if (name, r, mask, tuple(args.seeds)) in done:
                     continue
                 t0 = time.perf_counter()
-                spec = build(mask, r)
-                accs = [prune_and_finetune(pruner.backbone, spec, x, y, x_dev, y_dev, default_finetune(args.epochs, s)).accuracy
-                        for s in args.seeds]
+                accs = []
+                for s in args.seeds:
+                    if mask in BBD_MASKS:
+                        if (r, s) not in bbd_runs:
+                            bbd_runs[(r, s)] = _train_bbd(pruner, x, y, r, s, args.bbd_epochs, args.bbd_batch)
+                        spec, trained = bbd_runs[(r, s)]
+                        weights = trained if mask == "bbd_trained" else pruner.backbone
+                    else:
+                        spec, weights = build(mask, r), pruner.backbone
+                    accs.append(prune_and_finetune(weights, spec, x, y, x_dev, y_dev, default_finetune(args.epochs, s)).accuracy)
                 row = {"type": "cell", "task": name, "kind": kind, "r": r, "mask": mask, "seeds": list(args.seeds),
                        "per_seed": accs, "accuracy": float(np.mean(accs)), "kept_per_group": [len(k) for k in spec.kept.values()],
                        "macs_ratio": spec.macs_pruned / spec.macs_full, "seconds": round(time.perf_counter() - t0, 1)}
@@ -134,11 +148,25 @@ def run(args: argparse.Namespace) -> None:
                 _append(args.out, row)
 
 
+def _train_bbd(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, r: float, seed: int, epochs: int, batch: int
+               ) -> tuple[PruneSpec, torch.nn.Module]:
+    """BBD's mask at budget ``r`` and the copy of the backbone it trained, as the benchmark's BBD cell makes them."""
+    model = copy.deepcopy(pruner.backbone)
+    model.reset_classifier(int(y.max()) + 1)
+    init_classifier_from_prototypes(model, x, y)
+    inp = ScoringInput(model, pruner.structure, x, y, r, seed=seed,
+                       bbd=BBDConfig(epochs=epochs, batch_size=batch, lr=0.01, gate_lr=0.05, macs_weight=20.0))
+    return spec_by_criterion("bbd", inp, model.config), model
+
+
 # ----------------------------------------------------------------------------------------------- analysis
 
 
 def in_family(mask: str, family: str) -> bool:
-    """Allocations keep L1's ranking; rankings keep L1's allocation; ``all`` takes every mask."""
+    """Allocations keep L1's ranking; rankings keep L1's allocation; ``all`` takes every mask (BBD's, trained on
+    the task, in none: they are not masks a one-pass pruner could choose)."""
+    if mask in BBD_MASKS:
+        return False
     allocation, ranking = parse_mask(mask)
     if family == "allocation":
         return ranking in (None, "l1") and allocation not in ("stamp", "stamp_mean")
@@ -262,6 +290,8 @@ def main() -> None:
     ap.add_argument("--dev-per-class", type=int, default=100, help="at most a quarter of the smallest class")
     ap.add_argument("--sample-per-class", type=int, default=20, help="the set encoder's and the statistics' sample")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--bbd-epochs", type=int, default=2, help="BBD's training epochs for the bbd masks (benchmark_natural.yaml's)")
+    ap.add_argument("--bbd-batch", type=int, default=128, help="BBD's batch size (benchmark_natural.yaml's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="append one JSON line per task and per cell here (and skip cells already there)")
     args = ap.parse_args()
@@ -272,7 +302,8 @@ def main() -> None:
         ap.error("give --tasks and exactly one of --backbone or --pruner (or --analyze)")
     for name in args.masks:  # refuse a misspelt mask before any fine-tune
         try:
-            parse_mask(name)
+            if name not in BBD_MASKS:
+                parse_mask(name)
         except ValueError as exc:
             ap.error(str(exc))
     run(args)
