@@ -3,6 +3,8 @@ benchmark targets refused, deterministic builds, idempotent and concurrent inges
 
 from __future__ import annotations
 
+import fnmatch
+
 import hashlib
 import os
 import subprocess
@@ -312,7 +314,10 @@ def test_suite_tinyimagenet_is_valid(shared_datasets: Path, monkeypatch: pytest.
     suite = load_suite(REPO / "jobs/configs/sources/suite_tinyimagenet.yaml")
     assert len(suite.datasets) >= 64 and {d.base for d in suite.datasets} == {"tin"}
     assert max(d.train for d in suite.datasets) <= 3500
-    sizes = sorted({len(d.classes or ()) for d in suite.datasets})
-    assert sizes[0] == 5 and sizes[-1] == 20
+    sizes = sorted({len(d.class_names) for d in suite.datasets})
+    assert sizes[0] == 5 and sizes[-2] == 20 and sizes[-1] == 100  # the many-way sources: every class
+    many = {d.name: d for d in suite.datasets if len(d.class_names) == 100}
+    assert sorted(many) == ["tin100", "tin100-gray"] and all(d.test == 5000 for d in many.values())
+    assert not any(fnmatch.fnmatchcase(name, "tin-*") for name in many)  # kept out of the tin-* patterns
     domains = {t[0] for d in suite.datasets for t in d.transforms}
     assert {"grayscale", "color_shift", "blur", "low_contrast", "affine"} <= domains
