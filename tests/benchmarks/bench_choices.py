@@ -1,7 +1,8 @@
 """Experiment: which masks does an outcome pruner choose for each target, at each budget? No fine-tune and no
 test image: only the target's *training* images are read (the sample a benchmark STAMP cell of seed ``--seed``
-reads: 20 per class of its seeded ``--train-per-class`` subset), so this may run before the benchmark to see whether the choices differ between targets and
-match the winners the headroom study found on the targets' dev splits.
+reads: 20 per class of its seeded ``--train-per-class`` subset), so this may run before the benchmark to see
+whether the choices differ between targets and match the winners the headroom study found on the targets' dev
+splits.
 
 Printed per target: its task features (the probe's), and per budget the pruner's three best-ranked candidates
 with their predicted accuracy relative to the candidates' mean (points), and its choice for the average source

@@ -46,6 +46,7 @@ import torch
 
 from pipeline.apps.benchmark import dev_split
 from pipeline.apps.prune import load_catalog_dataset, resolve_data
+from pipeline.config.benchmark import BenchBBDSection
 from pipeline.data import ArrayDataset, Catalog
 from pipeline.registry import load_pruner
 from pipeline.registry.backbones import load_backbone
@@ -154,8 +155,10 @@ def _train_bbd(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, r: float, 
     model = copy.deepcopy(pruner.backbone)
     model.reset_classifier(int(y.max()) + 1)
     init_classifier_from_prototypes(model, x, y)
+    b = BenchBBDSection(epochs=epochs, batch_size=batch)  # the benchmark's own defaults for everything else
     inp = ScoringInput(model, pruner.structure, x, y, r, seed=seed,
-                       bbd=BBDConfig(epochs=epochs, batch_size=batch, lr=0.01, gate_lr=0.05, macs_weight=20.0))
+                       bbd=BBDConfig(epochs=b.epochs, batch_size=b.batch_size, lr=b.lr, gate_lr=b.gate_lr,
+                                     kl_weight=b.kl_weight, macs_weight=b.macs_weight))
     return spec_by_criterion("bbd", inp, model.config), model
 
 

@@ -4,7 +4,6 @@ benchmark targets refused, deterministic builds, idempotent and concurrent inges
 from __future__ import annotations
 
 import fnmatch
-
 import hashlib
 import os
 import subprocess
