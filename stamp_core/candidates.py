@@ -13,7 +13,9 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
 * allocation ``l1`` (= ``mix1``), ``uniform`` (= ``mix0``), ``mixW`` (W x L1's fractions + (1 - W) x
   uniform's, 0 <= W <= 1), ``tiltB`` (uniform tilted with depth: fractions x exp(B (depth - 1/2)), depth 0
   for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both), each
-  optionally followed by ``streamS`` (residual-stream groups, those whose channels more than one conv writes,
+  optionally followed by ``costC`` (each group's fractions x (its channels' MACs / their geometric mean)^-C:
+  ``cost+1`` keeps the groups whose channels cost few MACs wider, e.g. the first conv of a downsampling block
+  and deep stages, and narrows the full-resolution ones) and then by ``streamS`` (residual-stream groups, those whose channels more than one conv writes,
   against the convs inside blocks: fractions x exp(+S/2) on the stream, x exp(-S/2) inside; ``stream+1`` keeps
   the stream wider and the blocks' inner convs narrower, the way Beta-Bernoulli dropout's trained masks spend a
   small budget);
@@ -55,7 +57,8 @@ FEATURE_NAMES = ("colourfulness", "pixel_spread", "extreme_share", "edge_energy"
                    for stat in ("separability", "silent_share", "response_spread")))
 
 _ALLOCATION = re.compile(r"^(?:(?P<named>l1|uniform)|(?P<base>synflow)?(?:mix(?P<mix>[0-9]*\.?[0-9]+))?"
-                         r"(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)(?:stream(?P<stream>[+-][0-9]*\.?[0-9]+))?$")
+                         r"(?:tilt(?P<tilt>[+-][0-9]*\.?[0-9]+))?)(?:cost(?P<cost>[+-][0-9]*\.?[0-9]+))?"
+                         r"(?:stream(?P<stream>[+-][0-9]*\.?[0-9]+))?$")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class MaskCandidate:
         ranking: channel ranking inside a group, one of :data:`RANKINGS`.
         base: whose allocation ``mix`` weighs, one of :data:`ALLOCATION_BASES`.
         stream: tilt S of residual-stream groups against the convs inside blocks (0 = none; + keeps the stream wider).
+        cost: exponent C of the per-channel MACs tilt (0 = none; + keeps groups of cheap channels wider).
     """
 
     mix: float
@@ -75,6 +79,7 @@ class MaskCandidate:
     ranking: str = "l1"
     base: str = "l1"
     stream: float = 0.0
+    cost: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.mix, (int, float)) and 0.0 <= self.mix <= 1.0):
@@ -83,6 +88,8 @@ class MaskCandidate:
             raise ValueError(f"tilt={self.tilt!r}: expected a finite depth tilt in [-4, 4]")
         if not (isinstance(self.stream, (int, float)) and math.isfinite(self.stream) and abs(self.stream) <= 4.0):
             raise ValueError(f"stream={self.stream!r}: expected a finite stream tilt in [-4, 4]")
+        if not (isinstance(self.cost, (int, float)) and math.isfinite(self.cost) and abs(self.cost) <= 4.0):
+            raise ValueError(f"cost={self.cost!r}: expected a finite MACs tilt exponent in [-4, 4]")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking={self.ranking!r}: expected one of {', '.join(RANKINGS)}")
         if self.base not in ALLOCATION_BASES:
@@ -98,13 +105,14 @@ class MaskCandidate:
     @property
     def allocation(self) -> str:
         tilt = f"tilt{self.tilt:+g}" if self.tilt != 0.0 else ""
-        stream = f"stream{self.stream:+g}" if self.stream != 0.0 else ""
+        suffix = (f"cost{self.cost:+g}" if self.cost != 0.0 else "") + (
+            f"stream{self.stream:+g}" if self.stream != 0.0 else "")
         if self.base != "l1":
-            return self.base + (f"mix{self.mix:g}" if self.mix != 1.0 else "") + tilt + stream
-        if not tilt and not stream and self.mix in (0.0, 1.0):
+            return self.base + (f"mix{self.mix:g}" if self.mix != 1.0 else "") + tilt + suffix
+        if not tilt and not suffix and self.mix in (0.0, 1.0):
             return "l1" if self.mix == 1.0 else "uniform"
-        mix = "" if self.mix == 0.0 and (tilt or stream) else f"mix{self.mix:g}"
-        return mix + tilt + stream
+        mix = "" if self.mix == 0.0 and (tilt or suffix) else f"mix{self.mix:g}"
+        return mix + tilt + suffix
 
     @property
     def name(self) -> str:
@@ -120,10 +128,11 @@ class MaskCandidate:
                 f"unknown mask candidate {name!r}: expected [<ranking>_in_]<allocation> with ranking one of "
                 f"{', '.join(RANKINGS)} and allocation l1, uniform, mixW (0<=W<=1), tiltB (e.g. tilt+1) or mixWtiltB, "
                 f"optionally prefixed with synflow (SynFlow's allocation in L1's place: synflow, synflowmix0.5) and "
-                f"followed by streamS (e.g. stream+1, mix0.5stream+1)")
+                f"followed by costC and/or streamS (e.g. stream+1, cost+1, mix0.5cost+1stream+1)")
         stream = float(found["stream"]) if found["stream"] is not None else 0.0
+        cost = float(found["cost"]) if found["cost"] is not None else 0.0
         if found["named"]:
-            if stream != 0.0:  # one name per mask: l1stream+1 is mix1stream+1, uniformstream+1 is stream+1
+            if stream != 0.0 or cost != 0.0:  # one name per mask: l1stream+1 is mix1stream+1, uniformcost+1 cost+1
                 same = "mix1" + allocation[2:] if found["named"] == "l1" else allocation[len("uniform"):]
                 raise ValueError(f"unknown mask candidate {name!r}: write {same} (one name per mask)")
             mix = 1.0 if found["named"] == "l1" else 0.0
@@ -132,7 +141,8 @@ class MaskCandidate:
         else:
             mix = float(found["mix"]) if found["mix"] is not None else 0.0
         tilt = float(found["tilt"]) if found["tilt"] is not None else 0.0
-        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1", base=found["base"] or "l1", stream=stream)
+        return cls(mix=mix, tilt=tilt, ranking=ranking if sep else "l1", base=found["base"] or "l1", stream=stream,
+                   cost=cost)
 
 
 @dataclass
@@ -268,6 +278,11 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
     if candidate.tilt != 0.0:
         last = max(len(fractions) - 1, 1)
         fractions = [min(1.0, f * math.exp(candidate.tilt * (g / last - 0.5))) for g, f in enumerate(fractions)]
+    if candidate.cost != 0.0:
+        costs = channel_macs(structure)
+        log_mean = sum(math.log(c) for c in costs) / len(costs)
+        fractions = [min(1.0, f * math.exp(-candidate.cost * (math.log(c) - log_mean)))
+                     for f, c in zip(fractions, costs)]
     if candidate.stream != 0.0:
         stream = stream_groups(structure)
         if not any(stream) or all(stream):
@@ -276,6 +291,14 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
                              f"(a plain CNN?), so the tilt would change nothing")
         fractions = [min(1.0, f * math.exp(candidate.stream * (0.5 if s else -0.5))) for f, s in zip(fractions, stream)]
     return fractions
+
+
+def channel_macs(structure: PrunableStructure) -> list[float]:
+    """Per group, the MACs one of its channels costs in the full network: the derivative of the structure's MACs
+    with respect to the group's width (it counts the convs the group feeds as well as the ones that write it)."""
+    kept = structure.group_sizes.detach().clone().requires_grad_(True)
+    structure.macs(kept).backward()
+    return [float(c) for c in kept.grad]
 
 
 def stream_groups(structure: PrunableStructure) -> list[bool]:

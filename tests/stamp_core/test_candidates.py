@@ -16,6 +16,7 @@ from stamp_core.candidates import (
     blend_ranking,
     build_candidate,
     candidate_fractions,
+    channel_macs,
     kept_fractions,
     probe_task,
     stream_groups,
@@ -75,8 +76,25 @@ def test_a_stream_tilt_has_one_name_per_mask() -> None:
         MaskCandidate(mix=1.0, stream=math.nan)
 
 
+@pytest.mark.parametrize("name, mix, tilt, cost, stream, ranking", [
+    ("cost+1", 0.0, 0.0, 1.0, 0.0, "l1"), ("mix0.5cost+0.5", 0.5, 0.0, 0.5, 0.0, "l1"),
+    ("tilt+1cost-1stream+1", 0.0, 1.0, -1.0, 1.0, "l1"), ("blend_in_cost+1stream+1", 0.0, 0.0, 1.0, 1.0, "blend"),
+])
+def test_cost_names_parse_and_print_back(name: str, mix: float, tilt: float, cost: float, stream: float,
+                                         ranking: str) -> None:
+    candidate = MaskCandidate.parse(name)
+    assert (candidate.mix, candidate.tilt, candidate.cost, candidate.stream, candidate.ranking) == (
+        mix, tilt, cost, stream, ranking)
+    assert candidate.name == name and MaskCandidate.parse(name) == candidate
+    with pytest.raises(ValueError, match=r"'l1cost\+1': write mix1cost\+1 \(one name per mask\)"):
+        MaskCandidate.parse("l1cost+1")
+    with pytest.raises(ValueError, match=r"cost=inf: expected a finite MACs tilt exponent"):
+        MaskCandidate(mix=1.0, cost=math.inf)
+
+
 @pytest.mark.parametrize("name", ["", "l2", "mix1.5", "snip_in_l1", "separability_in_", "tilt1", "mix0.5tilt", "L1",
-                                  "synflowl1", "l1synflow", "synflow_in_snip", "stream1", "streamx", "stream+1tilt+1"])
+                                  "synflowl1", "l1synflow", "synflow_in_snip", "stream1", "streamx", "stream+1tilt+1",
+                                  "cost1", "stream+1cost+1", "cost+1tilt+1"])
 def test_a_bad_name_is_refused_with_the_grammar(name: str) -> None:
     with pytest.raises(ValueError, match=r"unknown mask candidate .*expected \[<ranking>_in_\]<allocation>|mix=.*expected a weight"):
         MaskCandidate.parse(name)
@@ -193,6 +211,31 @@ def test_a_stream_tilt_moves_the_budget_from_the_blocks_inner_convs_to_the_resid
     assert not any(stream_groups(vgg_structure))
     with pytest.raises(ValueError, match=r"'stream\+1' tilts residual-stream groups .* has no stream groups"):
         candidate_fractions(MaskCandidate.parse("stream+1"), score_l1(vgg, vgg_structure), vgg_structure, vgg.config, 0.3)
+
+
+def test_a_cost_tilt_keeps_groups_of_cheap_channels_wider(resnet: tuple) -> None:
+    net, structure = resnet
+    macs = dict(zip([g.name for g in structure.groups], channel_macs(structure)))
+    # counted by hand at 32 px: the stem's group is written by the stem (3 in, 9 x 1024 positions) and stage 1's
+    # three conv2s, and read by stage 1's three conv1s, the stride-2 conv1 (9 x 256) and the 1x1 shortcut (256)
+    assert macs["conv1"] == 9 * 1024 * 3 + 6 * 9 * 1024 * 16 + 9 * 256 * 32 + 256 * 32
+    # a downsampling block's first conv writes at the stage's lower resolution from the narrower stream
+    assert macs["layers.1.0.conv1"] == 9 * 256 * 16 + 9 * 256 * 32 < macs["layers.1.1.conv1"] == 2 * 9 * 256 * 32
+    probe = probe_task(net, structure, *_task("color"))
+    cheap_first = sorted(macs, key=macs.get)
+    for r in (0.5, 0.3, 0.1):
+        uniform = dict(zip(macs, kept_fractions(build_candidate("uniform", probe, structure, net.config, r), structure)))
+        spec = build_candidate("cost+1", probe, structure, net.config, r)
+        assert spec.macs_pruned <= r * spec.macs_full and spec.macs_ratio > r - 0.01, (r, spec.macs_ratio)
+        tilted = dict(zip(macs, kept_fractions(spec, structure)))
+        assert tilted[cheap_first[0]] > uniform[cheap_first[0]] and tilted[cheap_first[-1]] < uniform[cheap_first[-1]]
+        # (at r=0.5 both of stage 2's are kept whole: fractions are capped at 1)
+        assert tilted["layers.1.0.conv1"] >= tilted["layers.1.1.conv1"] and tilted["layers.2.0.conv1"] >= tilted[
+            "layers.2.1.conv1"], (r, tilted)
+        assert r == 0.5 or tilted["layers.1.0.conv1"] > tilted["layers.1.1.conv1"], (r, tilted)
+        # the opposite sign spends the budget the other way
+        against = dict(zip(macs, kept_fractions(build_candidate("cost-1", probe, structure, net.config, r), structure)))
+        assert against["conv1"] > uniform["conv1"] > tilted["conv1"], (r, against["conv1"], uniform["conv1"])
 
 
 def test_mix_interpolates_between_l1_and_uniform(resnet: tuple) -> None:
