@@ -295,10 +295,17 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
 
 def channel_macs(structure: PrunableStructure) -> list[float]:
     """Per group, the MACs one of its channels costs in the full network: the derivative of the structure's MACs
-    with respect to the group's width (it counts the convs the group feeds as well as the ones that write it)."""
-    kept = structure.group_sizes.detach().clone().requires_grad_(True)
-    structure.macs(kept).backward()
-    return [float(c) for c in kept.grad]
+    with respect to the group's width (it counts the convs the group feeds as well as the ones that write it).
+
+    Counted from the layers' cost terms (``coeff * c_in * c_out``) at full width rather than by autograd, so it also
+    works where gradients are off (``torch.inference_mode``, as the pruner generates)."""
+    costs = [0.0] * structure.num_groups
+    for layer in structure.layers:
+        if layer.in_group >= 0:
+            costs[layer.in_group] += layer.coeff * layer.c_out
+        if layer.out_group >= 0:
+            costs[layer.out_group] += layer.coeff * layer.c_in
+    return costs
 
 
 def stream_groups(structure: PrunableStructure) -> list[bool]:

@@ -221,6 +221,9 @@ def test_a_cost_tilt_keeps_groups_of_cheap_channels_wider(resnet: tuple) -> None
     assert macs["conv1"] == 9 * 1024 * 3 + 6 * 9 * 1024 * 16 + 9 * 256 * 32 + 256 * 32
     # a downsampling block's first conv writes at the stage's lower resolution from the narrower stream
     assert macs["layers.1.0.conv1"] == 9 * 256 * 16 + 9 * 256 * 32 < macs["layers.1.1.conv1"] == 2 * 9 * 256 * 32
+    # the pruner generates under inference mode: the count needs no gradients
+    with torch.inference_mode():
+        assert channel_macs(structure) == list(macs.values())
     probe = probe_task(net, structure, *_task("color"))
     cheap_first = sorted(macs, key=macs.get)
     for r in (0.5, 0.3, 0.1):
