@@ -15,10 +15,10 @@ Names (parsed by :meth:`MaskCandidate.parse`, printed by :attr:`MaskCandidate.na
   for the first group and 1 for the last; ``tilt+1`` keeps deep layers wider), ``mixWtiltB`` (both), each
   optionally followed by ``costC`` (each group's fractions x (its channels' MACs / their geometric mean)^-C:
   ``cost+1`` keeps the groups whose channels cost few MACs wider, e.g. the first conv of a downsampling block
-  and deep stages, and narrows the full-resolution ones) and then by ``streamS`` (residual-stream groups, those whose channels more than one conv writes,
-  against the convs inside blocks: fractions x exp(+S/2) on the stream, x exp(-S/2) inside; ``stream+1`` keeps
-  the stream wider and the blocks' inner convs narrower, the way Beta-Bernoulli dropout's trained masks spend a
-  small budget);
+  and deep stages, and narrows the full-resolution ones) and then by ``streamS`` (residual-stream groups,
+  those whose channels more than one conv writes, against the convs inside blocks: fractions x exp(+S/2) on
+  the stream, x exp(-S/2) inside; ``stream+1`` keeps the stream wider and the blocks' inner convs narrower, the
+  way Beta-Bernoulli dropout's trained masks spend a small budget);
   prefixed with ``synflow``, SynFlow's own allocation takes L1's place (``synflow`` = SynFlow's,
   ``synflowmix0.5``, ``synflowtilt+1`` = SynFlow's tilted);
 * an optional ranking prefix ``<ranking>_in_``: ``l1`` (default), ``synflow`` (both data-free: weights
@@ -132,7 +132,7 @@ class MaskCandidate:
         stream = float(found["stream"]) if found["stream"] is not None else 0.0
         cost = float(found["cost"]) if found["cost"] is not None else 0.0
         if found["named"]:
-            if stream != 0.0 or cost != 0.0:  # one name per mask: l1stream+1 is mix1stream+1, uniformcost+1 cost+1
+            if stream != 0.0 or cost != 0.0:  # one name per mask: l1stream+1 is mix1stream+1, uniformcost+1 is cost+1
                 same = "mix1" + allocation[2:] if found["named"] == "l1" else allocation[len("uniform"):]
                 raise ValueError(f"unknown mask candidate {name!r}: write {same} (one name per mask)")
             mix = 1.0 if found["named"] == "l1" else 0.0
@@ -279,7 +279,7 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
         last = max(len(fractions) - 1, 1)
         fractions = [min(1.0, f * math.exp(candidate.tilt * (g / last - 0.5))) for g, f in enumerate(fractions)]
     if candidate.cost != 0.0:
-        costs = channel_macs(structure)
+        costs = structure.channel_macs()
         log_mean = sum(math.log(c) for c in costs) / len(costs)
         fractions = [min(1.0, f * math.exp(-candidate.cost * (math.log(c) - log_mean)))
                      for f, c in zip(fractions, costs)]
@@ -291,21 +291,6 @@ def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], 
                              f"(a plain CNN?), so the tilt would change nothing")
         fractions = [min(1.0, f * math.exp(candidate.stream * (0.5 if s else -0.5))) for f, s in zip(fractions, stream)]
     return fractions
-
-
-def channel_macs(structure: PrunableStructure) -> list[float]:
-    """Per group, the MACs one of its channels costs in the full network: the derivative of the structure's MACs
-    with respect to the group's width (it counts the convs the group feeds as well as the ones that write it).
-
-    Counted from the layers' cost terms (``coeff * c_in * c_out``) at full width rather than by autograd, so it also
-    works where gradients are off (``torch.inference_mode``, as the pruner generates)."""
-    costs = [0.0] * structure.num_groups
-    for layer in structure.layers:
-        if layer.in_group >= 0:
-            costs[layer.in_group] += layer.coeff * layer.c_out
-        if layer.out_group >= 0:
-            costs[layer.out_group] += layer.coeff * layer.c_in
-    return costs
 
 
 def stream_groups(structure: PrunableStructure) -> list[bool]:

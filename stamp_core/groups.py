@@ -118,6 +118,20 @@ class PrunableStructure:
         """Parameter count when group ``g`` keeps ``kept[g]`` channels."""
         return int(self._params_fixed + self._variable_params(kept).item())
 
+    def channel_macs(self) -> list[float]:
+        """Per group, the MACs one of its channels costs in the full network: the derivative of :meth:`macs` with
+        respect to the group's width (the convs the group feeds as well as the ones that write it).
+
+        Counted from the layers' cost terms at full width rather than by autograd, so it also works where
+        gradients are off (``torch.inference_mode``, as the pruner generates)."""
+        costs = [0.0] * self.num_groups
+        for layer in self.layers:
+            if layer.in_group >= 0:
+                costs[layer.in_group] += layer.coeff * layer.c_out
+            if layer.out_group >= 0:
+                costs[layer.out_group] += layer.coeff * layer.c_in
+        return costs
+
     def signature(self) -> list[list]:
         """JSON-able description used to check a spec or pruner matches an architecture."""
         return [[g.name, g.size] for g in self.groups]
