@@ -33,6 +33,9 @@ class PretrainConfig(JobBase):
     early_stop_epochs: int | None = Field(None, ge=1)
     #: accuracy gain (fraction, 0.005 = half a point) that counts as progress for ``early_stop_epochs``.
     early_stop_min_gain: float = Field(0.005, ge=0, lt=1)
+    #: the rule may stop the run only after this fraction of ``epochs``: under a decaying schedule a plateau at a
+    #: high learning rate is the learning rate's noise floor, not convergence (0 = from the first epoch it can judge).
+    early_stop_from: float = Field(0.0, ge=0, lt=1)
     mlflow: MlflowSection = Field(default_factory=lambda: MlflowSection(experiment="stamp-pretrain"))
 
     @model_validator(mode="after")

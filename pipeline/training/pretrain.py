@@ -277,7 +277,9 @@ def _evaluate(metrics: dict[str, Any], model: torch.nn.Module, eval_sets: list[t
     accs = [evaluate_accuracy(model, x.to(device), y.to(device)) for x, y in eval_sets]
     metrics["test_accuracy"] = float(np.mean(accs))
     history.append(metrics["test_accuracy"])
-    stop = cfg.early_stop_epochs is not None and has_converged(history, cfg.early_stop_epochs, cfg.early_stop_min_gain)
+    late_enough = len(history) > cfg.early_stop_from * cfg.epochs
+    stop = (cfg.early_stop_epochs is not None and late_enough
+            and has_converged(history, cfg.early_stop_epochs, cfg.early_stop_min_gain))
     metrics["converged"] = int(stop)
 
 

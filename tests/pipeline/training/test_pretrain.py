@@ -83,16 +83,20 @@ def test_early_stopping_needs_the_test_accuracy() -> None:
         PretrainConfig.model_validate(dict(early_stop_epochs=5, eval_samples=0))
 
 
-def test_pretraining_stops_once_converged_and_keeps_the_curve(local_catalog: str, tmp_path: Path) -> None:
-    # a gain of 99 points cannot be reached: the rule fires as soon as it can judge, after epoch 2
+@pytest.mark.parametrize("early_stop_from, stop_epoch", [(0.0, 2), (0.5, 3)])
+def test_pretraining_stops_once_converged_and_keeps_the_curve(local_catalog: str, tmp_path: Path,
+                                                              early_stop_from: float, stop_epoch: int) -> None:
+    # a gain of 99 points cannot be reached: the rule fires as soon as it can judge (after epoch 2), or, with
+    # early_stop_from=0.5 of 4 epochs, not before epoch 3
     cfg = PretrainConfig.model_validate(dict(
         backbone="small_cnn", backbone_kwargs={"width": 8}, epochs=4, batch_size=32, eval_samples=20,
-        early_stop_epochs=1, early_stop_min_gain=0.99, crop_padding=4, hflip=True,
+        early_stop_epochs=1, early_stop_min_gain=0.99, early_stop_from=early_stop_from, crop_padding=4, hflip=True,
         data={"catalog_url": local_catalog, "sources": "all"}, mlflow={"enabled": False},
     ))
     cfg, setup, labels, _ = prepare_pretrain(cfg)
     ctx = LocalContext(tmp_path / "pre")
     last = pretrain_worker(cfg, ctx, setup, labels)
-    assert [r["epoch"] for r in ctx.reports] == [1, 2] and [r["converged"] for r in ctx.reports] == [0, 1]
-    state = json.loads((tmp_path / "pre" / "checkpoint_00000002" / "state.json").read_text())
-    assert state["test_accuracy_history"] == [r["test_accuracy"] for r in ctx.reports] and last["epoch"] == 2
+    assert [r["epoch"] for r in ctx.reports] == list(range(1, stop_epoch + 1))
+    assert [r["converged"] for r in ctx.reports] == [0] * (stop_epoch - 1) + [1]
+    state = json.loads((tmp_path / "pre" / f"checkpoint_{stop_epoch:08d}" / "state.json").read_text())
+    assert state["test_accuracy_history"] == [r["test_accuracy"] for r in ctx.reports] and last["epoch"] == stop_epoch
