@@ -8,10 +8,16 @@ with node IP 127.0.0.1 and that variable set for the driver and for every proces
 all of them bind loopback, and with the dashboard off unless asked for (``include_dashboard=True``
 or ``STAMP_RAY_DASHBOARD=1``; it then binds 127.0.0.1 too). The torch.distributed rendezvous of
 the training workers is the other listener; :mod:`pipeline.training.rendezvous` keeps it on loopback.
+
+Without the dashboard there is no state API, and Ray Train's placement-group cleaner (Ray 2.60), which asks
+that API every second whether the train controller is alive, would log a warning each second of every run.
+A local Ray dies with its driver, so the cleaner has nothing to clean: the workers of a dashboard-less local
+Ray run :func:`quiet_cleaner_without_state_api` at start-up and only that logger's warnings are dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pipeline.stack.services import LOOPBACK
@@ -20,6 +26,8 @@ from pipeline.stack.services import LOOPBACK
 LOCAL_ONLY_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: set to 1 to start the dashboard (on 127.0.0.1) with a local Ray.
 DASHBOARD_VAR = "STAMP_RAY_DASHBOARD"
+#: the logger of Ray Train's placement-group cleaner (tests check that Ray still names it so).
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool | None = None,
@@ -42,8 +50,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
     if include_dashboard is None:
         include_dashboard = os.environ.get(DASHBOARD_VAR, "") == "1"
     _loopback_only()
+    hook = f"{__name__}.{quiet_cleaner_without_state_api.__name__}"
+    runtime_env = None if include_dashboard else {"worker_process_setup_hook": hook}
     ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=include_dashboard,
-             dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+             dashboard_host=LOOPBACK, log_to_driver=log_to_driver, runtime_env=runtime_env)
+
+
+def quiet_cleaner_without_state_api() -> None:
+    """Ray worker set-up hook: keep only errors of the placement-group cleaner (see the module docstring)."""
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _loopback_only() -> None:
