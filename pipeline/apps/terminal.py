@@ -135,6 +135,10 @@ def _count(v: float) -> str:
     return f"{v:g}" if v != int(v) else str(int(v))
 
 
+# What `_duration` prints, for tests and log readers that parse a stage line: "4.2 s", "5 min 24 s", "2 h 03 min".
+DURATION_PATTERN = r"(?:\d+\.\d s|\d+ min \d\d s|\d+ h \d\d min)"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"

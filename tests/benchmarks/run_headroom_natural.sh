@@ -2,13 +2,13 @@
 # The natural-image headroom study (issue 24, docs/natural_world.md): two processes, one core each.
 # A: digits + Omniglot (dev splits), then 5 domain variants of one 20-class reference subset;
 # B: CIFAR-10, DTD-10, Fashion-MNIST 6-9 (dev splits), then the 20 five-class reference subsets.
-# Needs the stack (`stamp stack up`), the registered backbone (`stamp backbones register`) and the ingested
+# Needs the stack (`stamp stack up`), the registered backbone (`stamp backbones register`; $BB picks which) and the ingested
 # suite_tinyimagenet. Rows: $OUT/{targets,sources}-{A,B}.jsonl; then
 #   .venv/bin/python -m tests.benchmarks.bench_headroom --analyze $OUT/targets-*.jsonl
 #   .venv/bin/python -m tests.benchmarks.bench_headroom --analyze $OUT/sources-*.jsonl
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-BB=models:/stamp-backbone-resnet20-tinyimagenet32@champion
+BB=${BB:-models:/stamp-backbone-resnet20-tinyimagenet32@champion}   # e.g. BB=models:/stamp-backbone-resnet20-tinyimagenet32-e80@champion
 OUT=${OUT:-.stamp/headroom}; mkdir -p "$OUT"
 PY=.venv/bin/python
 # 5 allocations (L1 ranking) and 2 rankings inside L1's allocation: a 2-core budget (SynFlow, activation and

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.apps.cli import LAZY_ERROR_TYPES, app
+from pipeline.apps.terminal import DURATION_PATTERN
 
 runner = CliRunner()
 
@@ -105,7 +106,7 @@ def test_pretrain_shows_one_progress_line_and_routes_library_lines_to_the_runs_l
     assert result.epoch == 1
     stage = [line for line in shown.err.splitlines() if line.startswith("ok pretrain")]
     assert len(stage) == 1 and re.fullmatch(
-        r"ok pretrain cli-pre 1/1 epochs in \d+\.\d s · loss \d\.\d{3} · train acc \d+\.\d% · test acc \d+\.\d% · [\d,]+ img/s",
+        rf"ok pretrain cli-pre 1/1 epochs in {DURATION_PATTERN} · loss \d\.\d{{3}} · train acc \d+\.\d% · test acc \d+\.\d% · [\d,]+ img/s",
         stage[0]), shown.err
     log = tmp_path / "home" / "checkpoints" / "pretrain" / "cli-pre" / "logs" / "pretrain.log"
     assert str(log) in " ".join(shown.err.split()) and stat.S_IMODE(log.stat().st_mode) == 0o600

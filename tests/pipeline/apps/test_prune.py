@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from pipeline.apps.prune import OutputDirError, PruneReport, load_pruned, prune_dataset
+from pipeline.apps.terminal import DURATION_PATTERN
 from pipeline.data import ArrayDataset, build_procedural
 from pipeline.registry import RegistryError
 from stamp_core import (
@@ -73,7 +74,7 @@ def test_progress_is_one_line_per_step_with_the_fine_tune_figures(pruned: tuple[
                                                                    progress_shown: io.StringIO) -> None:
     report, out = pruned
     lines = progress_shown.getvalue().splitlines()
-    assert [re.sub(r" in \d+\.\d s.*", "", line) for line in lines] == [
+    assert [re.sub(rf" in {DURATION_PATTERN}.*", "", line) for line in lines] == [
         "ok load pruner", "ok load data", "ok prune to 0.4 of the MACs",
         f"ok fine-tune the pruned net on {report.n_train} images 1/1 epochs",
         "ok measure MACs, parameters, CPU latency", "ok export ONNX + TorchScript and check them", f"ok write {out}",
