@@ -13,7 +13,7 @@ budget and differentiable for the meta-training penalty.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -131,6 +131,21 @@ class PrunableStructure:
             if layer.out_group >= 0:
                 costs[layer.out_group] += layer.coeff * layer.c_in
         return costs
+
+    def with_classifier_outputs(self, num_classes: int) -> "PrunableStructure":
+        """The same structure with a ``num_classes``-way classifier: the cost of the net a task deploys, whose
+        head is rebuilt for the task's classes, so a budget met here is met by the deployed net."""
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r}: expected a positive integer")
+        heads = [i for i, l in enumerate(self.layers) if l.name == "classifier"]
+        if len(heads) != 1:
+            raise ValueError(f"expected one layer named 'classifier' in the cost model, found {len(heads)}")
+        layers = list(self.layers)
+        layers[heads[0]] = replace(layers[heads[0]], c_out=num_classes)
+        structure = PrunableStructure(self.groups, layers, self.input_shape)
+        structure._params_fixed = self._params_fixed  # the fixed offset does not scale with the head
+        structure.params_full = structure._params_fixed + int(structure._variable_params(structure.group_sizes).item())
+        return structure.to(self.device)
 
     def signature(self) -> list[list]:
         """JSON-able description used to check a spec or pruner matches an architecture."""

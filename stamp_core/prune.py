@@ -212,7 +212,8 @@ def prune_for_task(
     """
     x_train, y_train = pruner.check_images(x_train, y_train)
     t0 = time.perf_counter()
-    spec = pruner.generate(x_train, y_train if use_labels else None, macs_ratio=macs_ratio, round_to=round_to, embedding=embedding)
+    spec = pruner.generate(x_train, y_train if use_labels else None, macs_ratio=macs_ratio, round_to=round_to,
+                          embedding=embedding, num_classes=int(y_train.max()) + 1)
     generate_seconds = time.perf_counter() - t0
     result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn,
                                 on_epoch=on_epoch)

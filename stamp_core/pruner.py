@@ -370,6 +370,7 @@ class StampPruner(nn.Module):
         macs_ratio: float = 0.5,
         round_to: int = 1,
         embedding: TaskSummary | torch.Tensor | None = None,
+        num_classes: int | None = None,
     ) -> PruneSpec:
         """Prune for the task the sample comes from.
 
@@ -380,6 +381,8 @@ class StampPruner(nn.Module):
             round_to: keep a multiple of this many channels per group (hardware-friendly widths).
             embedding: use this task summary (or, for the faithful generator, bare embedding)
                 instead of the one of ``images`` (ablations such as the mean embedding).
+            num_classes: the deployed net's classes (its head is rebuilt for the task); the budget is met with
+                that head. None: the backbone's own head.
         """
         r = _check_ratio(macs_ratio)
         if not isinstance(round_to, int) or round_to < 1:
@@ -397,7 +400,7 @@ class StampPruner(nn.Module):
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
-        kept = calibrate_masks(probs, self.structure, r, round_to)
+        kept = calibrate_masks(probs, self.structure, r, round_to, num_classes)
         return spec_from_kept(kept, self.structure, self.backbone.config, r, self.config.version)
 
     @torch.no_grad()
