@@ -195,6 +195,7 @@ def prune_for_task(
     embedding: TaskSummary | torch.Tensor | None = None,
     recalibrate_bn: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    num_classes: int | None = None,
 ) -> PruneResult:
     """STAMP's mask for the task ``(x_train, y_train)``, then :func:`prune_and_finetune` on the pruner's weights.
 
@@ -209,11 +210,13 @@ def prune_for_task(
         embedding: task summary override (the mean-embedding ablation).
         recalibrate_bn: recompute BatchNorm statistics on the task's training images.
         on_epoch: called with each fine-tune epoch's record (epoch, loss, accuracy, seconds).
+        num_classes: meet the budget with a head of this many classes (the deployed net's, as `stamp prune`
+            reports it); None: the backbone's own head, as meta-training and the benchmark calibrate today.
     """
     x_train, y_train = pruner.check_images(x_train, y_train)
     t0 = time.perf_counter()
     spec = pruner.generate(x_train, y_train if use_labels else None, macs_ratio=macs_ratio, round_to=round_to,
-                          embedding=embedding, num_classes=int(y_train.max()) + 1)
+                          embedding=embedding, num_classes=num_classes)
     generate_seconds = time.perf_counter() - t0
     result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn,
                                 on_epoch=on_epoch)

@@ -685,6 +685,7 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
             result = prune_for_task(
                 pruner, task.x_train, task.y_train, task.x_test, task.y_test, macs_ratio=ratio, finetune=cfg,
                 round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
+                num_classes=int(task.y_train.max()) + 1,  # the head prune_and_finetune builds; _costs counts it
             )
         full_result = None
         if compare_full:

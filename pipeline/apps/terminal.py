@@ -128,18 +128,19 @@ class StageProgress:
         if self.total:
             count = f" {_count(self.done)}/{_count(self.total)} {self._unit}".rstrip()
         figure = f" · {self.figure}" if self.figure else ""
-        return f"{count} in {_duration(seconds)}{figure}"
+        return f"{count} in {format_duration(seconds)}{figure}"
 
 
 def _count(v: float) -> str:
     return f"{v:g}" if v != int(v) else str(int(v))
 
 
-# What `_duration` prints, for tests and log readers that parse a stage line: "4.2 s", "5 min 24 s", "2 h 03 min".
+# What `format_duration` prints, for tests and log readers that parse a stage line: "4.2 s", "5 min 24 s", "2 h 03 min".
 DURATION_PATTERN = r"(?:\d+\.\d s|\d+ min \d\d s|\d+ h \d\d min)"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """A stage's wall time as the progress line shows it (matches DURATION_PATTERN)."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, s = divmod(int(round(seconds)), 60)
@@ -181,7 +182,7 @@ def stage_progress(console: Console, title: str, total: float | None = None, uni
         yield line
     except BaseException:
         progress.stop()
-        console.print(f"[bold red]failed[/] {title} after {_duration(time.perf_counter() - t0)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]failed[/] {title} after {format_duration(time.perf_counter() - t0)}", highlight=False, soft_wrap=True)
         raise
     progress.stop()
     console.print(f"[green]ok[/] [bold]{title}[/]{line.summary(time.perf_counter() - t0)}", highlight=False, soft_wrap=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.apps.terminal import DURATION_PATTERN, _duration, stage_progress
+from pipeline.apps.terminal import DURATION_PATTERN, format_duration, stage_progress
 
 # What a CLI process does: C++ code writing to descriptor 2 (Ray's core worker), a Python logger
 # set up before the block (MLflow), print() from a log monitor thread (Ray's forwarded worker
@@ -120,7 +120,7 @@ def test_duration_pattern_matches_every_form_a_stage_line_prints() -> None:
     """Stage-line tests parse durations with DURATION_PATTERN: a stage slowed past a minute (a loaded CI box)
     prints "5 min 24 s", which a seconds-only pattern rejected."""
     printed = {4.2: "4.2 s", 59.9: "59.9 s", 324.4: "5 min 24 s", 3599.0: "59 min 59 s", 7380.0: "2 h 03 min"}
-    assert {s: _duration(s) for s in printed} == printed
+    assert {s: format_duration(s) for s in printed} == printed
     assert all(re.fullmatch(DURATION_PATTERN, text) for text in printed.values())
     assert not re.fullmatch(DURATION_PATTERN, "5 min")
 
