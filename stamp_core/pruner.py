@@ -382,7 +382,8 @@ class StampPruner(nn.Module):
             embedding: use this task summary (or, for the faithful generator, bare embedding)
                 instead of the one of ``images`` (ablations such as the mean embedding).
             num_classes: the deployed net's classes (its head is rebuilt for the task); the budget is met with
-                that head. None: the backbone's own head.
+                that head. None: the backbone's own head. Not yet applied to the outcome generator, whose
+                candidates are calibrated on the backbone's head (at most ~0.1% over the budget, session 16).
         """
         r = _check_ratio(macs_ratio)
         if not isinstance(round_to, int) or round_to < 1:
