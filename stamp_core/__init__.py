@@ -22,7 +22,7 @@ from stamp_core.preprocess import prepare_images
 from stamp_core.pruner import PrunerConfig, StampPruner, __version__, calibrate_masks, spec_from_kept
 from stamp_core.set_encoder import ISAB, MAB, PMA, SAB, SetEncoder
 from stamp_core.spec import PruneSpec, SpecMismatchError, jaccard_distance
-from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, random_crop_flip, random_shift, train_classifier
+from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, measure_latency, random_crop_flip, random_shift, torch_threads, train_classifier
 
 __all__ = [
     "PruneResult", "build_pruned_model", "build_task_model", "default_finetune", "load_pruned_model", "prune_and_finetune", "prune_for_task", "recalibrate_batchnorm",
@@ -34,5 +34,5 @@ __all__ = [
     "prototype_head", "task_summary",
     "prepare_images", "PrunerConfig", "StampPruner", "__version__", "calibrate_masks", "spec_from_kept",
     "ISAB", "MAB", "PMA", "SAB", "SetEncoder", "PruneSpec", "SpecMismatchError", "jaccard_distance",
-    "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "random_crop_flip", "random_shift", "train_classifier",
+    "TrainConfig", "evaluate_accuracy", "init_classifier_from_prototypes", "measure_latency", "random_crop_flip", "random_shift", "torch_threads", "train_classifier",
 ]

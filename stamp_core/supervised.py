@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,6 +152,24 @@ def init_classifier_from_prototypes(model: Backbone, x: torch.Tensor, y: torch.T
     norm = feats.norm(dim=1).mean().clamp_min(1e-6)
     model.classifier.weight.copy_(protos * scale / norm)
     model.classifier.bias.zero_()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads and restore the previous count after it.
+
+    The count is process-global: a caller that set it and returned would change every later
+    computation's speed and, through reduction order, its last bits. ``None`` leaves it as it is.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads}: expected a positive thread count or None")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.no_grad()

@@ -61,6 +61,7 @@ from stamp_core import (
     measure_latency,
     prepare_images,
     prune_for_task,
+    torch_threads,
 )
 from stamp_core.selection import select_mask
 from pipeline.data import ArrayDataset
@@ -478,16 +479,12 @@ def export_torchscript(model: nn.Module, check_inputs: torch.Tensor, atol: float
 
 def _latencies(full: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, int], threads: int) -> dict[str, float]:
     """Median ms per forward pass at batch 1 and 64 with a fixed thread count (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = {}
+    out = {}
+    with torch_threads(threads):
         for label, model in (("full", full), ("pruned", pruned)):
             out[f"{label}_b1"] = 1000 * measure_latency(model, input_shape, 1, repeats=20, warmup=3)
             out[f"{label}_b64"] = 1000 * measure_latency(model, input_shape, 64, repeats=5, warmup=2)
-        return out
-    finally:
-        torch.set_num_threads(previous)
+    return out
 
 
 # ----------------------------------------------------------------------------- main

@@ -33,7 +33,7 @@ from pipeline.data import Catalog, load_split_arrays, storage_filesystem
 from pipeline.registry.backbones import load_backbone
 from pipeline.registry.loading import pin_model_uri
 from pipeline.training.driver import load_catalog, resolve_sources, s3_endpoint
-from stamp_core import TrainConfig, analyze_structure, build_backbone_from_config, prepare_images, prune_and_finetune
+from stamp_core import TrainConfig, analyze_structure, build_backbone_from_config, prepare_images, prune_and_finetune, torch_threads
 from stamp_core import __version__ as stamp_version
 from stamp_core.candidates import build_candidate, kept_fractions, probe_task
 from stamp_core.groups import score_l1
@@ -149,10 +149,16 @@ def score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any],
     """The task's record: its features and one row per (budget, candidate, seed).
 
     ``existing``: the task's record from an earlier run (e.g. with fewer candidates); its rows are kept and only
-    the missing ones are fine-tuned, so adding candidates to the config grows every recorded task.
+    the missing ones are fine-tuned, so adding candidates to the config grows every recorded task. Runs with one
+    intra-op thread per reserved CPU and restores the caller's thread count.
     """
+    with torch_threads(max(1, int(cfg.scaling.cpus_per_worker))):
+        return _score_task(cfg, task, backbone, catalog_url, endpoint, existing)
+
+
+def _score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any], catalog_url: str,
+                endpoint: str | None, existing: dict[str, Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     net = build_backbone_from_config(backbone["config"])
     net.load_state_dict(backbone["state"])
     structure = analyze_structure(net, (net.in_channels, cfg.data.image_size, cfg.data.image_size))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stamp_core import TrainConfig, build_backbone, measure_latency, train_classifier
+from stamp_core import TrainConfig, build_backbone, measure_latency, torch_threads, train_classifier
 
 
 def test_a_one_step_fine_tune_takes_its_step_at_the_configured_rate() -> None:
@@ -82,6 +82,22 @@ class _Sleeper(nn.Module):
         self.calls += 1
         time.sleep(self.seconds)
         return x
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after_an_error() -> None:
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(other):
+            assert torch.get_num_threads() == other
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads=0: expected a positive thread count or None"):
+        with torch_threads(0):
+            pass
+    assert torch.get_num_threads() == before
 
 
 def test_measure_latency_is_the_median_of_single_passes_and_keeps_the_mode() -> None:

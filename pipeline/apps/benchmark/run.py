@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import BenchmarkConfig, BenchmarkModel, BenchmarkTarget
 from pipeline.data import ArrayDataset
-from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune
+from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune, torch_threads
 
 from pipeline.apps.benchmark.cells import (
     CROSS_PREFIX,
@@ -216,14 +216,10 @@ def source_tasks(cfg: BenchmarkConfig, shape: tuple[int, int, int]) -> list[tupl
 
 
 def _latency(model: torch.nn.Module, shape: tuple[int, int, int], cfg: BenchmarkConfig) -> tuple[float, float]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.latency.threads)
-    try:
+    with torch_threads(cfg.latency.threads):
         b1 = 1000 * measure_latency(model, shape, 1, repeats=cfg.latency.repeats_b1, warmup=2)
         b64 = 1000 * measure_latency(model, shape, 64, repeats=cfg.latency.repeats_b64, warmup=1)
-        return b1, b64
-    finally:
-        torch.set_num_threads(previous)
+    return b1, b64
 
 
 def _run_cell(cell: CellKey, cfg: BenchmarkConfig, m: _Model, target: _Target,
@@ -310,11 +306,8 @@ def run_benchmark(
     shard = f" (shard {cfg.shard})" if cfg.shard_index()[1] > 1 else ""
     say(f"benchmark {cfg.name}: {len(cells)} cells, {len(skipped)} already done, {len(todo)} to run{shard} -> {out}")
 
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     computed, failed = [], []
-    try:
+    with torch_threads(cfg.threads or None):
         for i, cell in enumerate(todo, 1):
             t_cell = time.perf_counter()
             row, kept, msg = _run_recorded_cell(cell, cfg, inputs, prints[cell.id])
@@ -326,8 +319,6 @@ def run_benchmark(
             latest[cell.id] = parse_row({k: str(csv_value(k, row.get(k))) for k in COLUMNS})
             computed.append(cell.id)
             say(f"[{i}/{len(todo)}] {cell.id}: {msg} ({time.perf_counter() - t_cell:.1f}s)")
-    finally:
-        torch.set_num_threads(previous_threads)
 
     # Only rows recorded with the current inputs and settings: a re-fitted pruner's report must not mix in the
     # previous pruner's cells that have not been recomputed yet (e.g. with --report-only during a run).

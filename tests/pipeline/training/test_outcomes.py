@@ -81,8 +81,11 @@ def test_score_task_records_every_cell_and_the_features(local_catalog: str, back
     from pipeline.data import load_backbone_dir
 
     net = load_backbone_dir(Path(backbone_dir))
+    threads = torch.get_num_threads()
     record = score_task(cfg, task, {"config": net.config, "state": net.state_dict(), "source": backbone_dir},
                         local_catalog, None)
+    # one thread per reserved CPU inside, the caller's count after: a leak changed later tests' numerics
+    assert torch.get_num_threads() == threads
     assert record["task_id"] == task.task_id and record["classes"] == list(task.classes)
     assert record["dev_images"] == 6 * len(task.classes) and record["train_images"] == 8 * len(task.classes)
     cells = {(row["r"], row["candidate"], row["seed"]) for row in record["rows"]}
