@@ -17,7 +17,7 @@ $(INSTALL_STAMP): pyproject.toml
 	@touch $@
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 demo: venv
 	$(BIN)/stamp stack up

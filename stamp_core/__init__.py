@@ -14,7 +14,7 @@ from stamp_core.prune import (
     recalibrate_batchnorm,
 )
 from stamp_core.channel_generator import ChannelMaskGenerator, TaskSummary, channel_statistics
-from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones
+from stamp_core.backbones import MIN_IMAGE_SIZE, Backbone, build_backbone, build_backbone_from_config, list_backbones, task_classes
 from stamp_core.groups import ChannelGates, ChannelGroup, PrunableStructure, analyze_structure, count_macs_params
 from stamp_core.mask_generator import MaskGenerator, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
 from stamp_core.meta import Episode, MetaConfig, budget_neutral_gradient, episode_loss, layer_es_surrogate, frozen_norm_statistics, make_optimizer, meta_batch_loss, meta_train_step, prototype_head, task_summary
@@ -27,7 +27,7 @@ from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifie
 __all__ = [
     "PruneResult", "build_pruned_model", "build_task_model", "default_finetune", "load_pruned_model", "prune_and_finetune", "prune_for_task", "recalibrate_batchnorm",
     "ChannelMaskGenerator", "TaskSummary", "channel_statistics",
-    "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones",
+    "MIN_IMAGE_SIZE", "Backbone", "build_backbone", "build_backbone_from_config", "list_backbones", "task_classes",
     "ChannelGates", "ChannelGroup", "PrunableStructure", "analyze_structure", "count_macs_params",
     "MaskGenerator", "kl_kumaraswamy_beta", "kumaraswamy_mean", "kumaraswamy_sample", "relaxed_bernoulli",
     "Episode", "MetaConfig", "budget_neutral_gradient", "episode_loss", "layer_es_surrogate", "frozen_norm_statistics", "make_optimizer", "meta_batch_loss", "meta_train_step",

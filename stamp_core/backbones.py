@@ -59,6 +59,14 @@ class Backbone(nn.Module):
         self.config = {**self.config, "num_classes": num_classes}
 
 
+def task_classes(labels: torch.Tensor) -> int:
+    """The head a task's labels ``0..K-1`` need: ``K = max + 1`` outputs (a class absent from a sample still
+    gets its output). Every deployed net's classifier, and every budget met on it, uses this count."""
+    if labels.numel() == 0:
+        raise ValueError("task_classes: got no labels; expected class ids 0..K-1")
+    return int(labels.max()) + 1
+
+
 def _conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from stamp_core.groups import ChannelGates, PrunableStructure, score_l1
 from stamp_core.mask_generator import A_UC_INIT, B_UC_INIT, kl_kumaraswamy_beta, kumaraswamy_mean, kumaraswamy_sample, relaxed_bernoulli
-from stamp_core.calibration import __version__, calibrate_masks, spec_from_kept
+from stamp_core.backbones import task_classes
+from stamp_core.calibration import __version__, calibrate_masks, deployed_structure, spec_from_kept
 from stamp_core.spec import PruneSpec
 
 GroupScores = list[torch.Tensor]
@@ -58,6 +59,7 @@ def select_spec(
     round_to: int = 1,
     normalize: bool = False,
     metadata: dict[str, Any] | None = None,
+    num_classes: int | None = None,
 ) -> PruneSpec:
     """The PruneSpec keeping the globally best-scored channels whose real MACs are <= ``macs_ratio``.
 
@@ -71,6 +73,8 @@ def select_spec(
             different size and depth compete on relative importance (torch-pruning's "mean"
             normaliser); ties and signs are preserved.
         metadata: stored in the spec (e.g. the method name).
+        num_classes: meet the budget, and count MACs and params, with a head of this many classes (the
+            deployed net's); None: the backbone's own head.
 
     Raises:
         ValueError: wrong number or sizes of score tensors, non-finite scores, bad budget.
@@ -89,8 +93,9 @@ def select_spec(
         if normalize:
             s = s / s.abs().mean().clamp_min(1e-300)
         checked.append(s)
-    kept = calibrate_masks(checked, structure, float(macs_ratio), round_to)
-    return spec_from_kept(kept, structure, backbone_config, float(macs_ratio), __version__, metadata)
+    deployed = deployed_structure(structure, num_classes)
+    kept = calibrate_masks(checked, deployed, float(macs_ratio), round_to)
+    return spec_from_kept(kept, deployed, backbone_config, float(macs_ratio), __version__, metadata)
 
 
 # ----------------------------------------------------------------------------- data-free scorers
@@ -380,11 +385,12 @@ def get_criterion(name: str) -> Criterion:
 
 
 def spec_by_criterion(name: str, inp: ScoringInput, backbone_config: dict[str, Any], round_to: int = 1) -> PruneSpec:
-    """Score with criterion ``name`` and calibrate to ``inp.macs_ratio`` (:func:`select_spec`)."""
+    """Score with criterion ``name`` and calibrate to ``inp.macs_ratio`` (:func:`select_spec`) on the net the task
+    deploys: the backbone with a head for ``inp.y``'s classes."""
     criterion = get_criterion(name)
     scores = criterion.score(inp)
     return select_spec(scores, inp.structure, backbone_config, inp.macs_ratio, round_to,
-                       normalize=criterion.normalize, metadata={"method": name})
+                       normalize=criterion.normalize, metadata={"method": name}, num_classes=task_classes(inp.y))
 
 
 def _one_batch(inp: ScoringInput) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,11 @@ def _fill_budget(counts: np.ndarray, ranked_groups: np.ndarray, start: int, size
     return counts
 
 
+def deployed_structure(structure: PrunableStructure, num_classes: int | None) -> PrunableStructure:
+    """The cost model of the net a task deploys: ``structure`` with a ``num_classes``-way head (None: as it is)."""
+    return structure if num_classes is None else structure.with_classifier_outputs(num_classes)
+
+
 def calibrate_masks(
     probs: Sequence[torch.Tensor],
     structure: PrunableStructure,
@@ -62,8 +67,7 @@ def calibrate_masks(
     Without rounding, the channels ranked after M that still fit are then added in rank order.
     Every group keeps at least one channel (``round_to`` of them when rounding).
     """
-    if num_classes is not None:
-        structure = structure.with_classifier_outputs(num_classes)
+    structure = deployed_structure(structure, num_classes)
     sizes = [len(p) for p in probs]
     scores = torch.cat([p.detach().double().flatten().cpu() for p in probs]).numpy()
     group_of = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])

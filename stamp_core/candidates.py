@@ -246,8 +246,9 @@ def _depth_thirds(n: int) -> list[list[int]]:
 
 def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tensor], structure: PrunableStructure,
                        backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1,
-                       metadata: dict[str, Any] | None = None) -> PruneSpec:
-    """Keep about ``fractions[g]`` of group ``g``, its best channels by ``ranking``, exactly at the budget.
+                       metadata: dict[str, Any] | None = None, num_classes: int | None = None) -> PruneSpec:
+    """Keep about ``fractions[g]`` of group ``g``, its best channels by ``ranking``, exactly at the budget (met with
+    a ``num_classes``-way head when given, :func:`~stamp_core.baselines.select_spec`).
 
     One global threshold on ``fractions[g] - (rank inside the group + 0.5) / size``: the fractions set the
     allocation, the ranking the order inside a group, and the threshold meets the budget exactly.
@@ -258,7 +259,8 @@ def spec_for_fractions(fractions: Sequence[float], ranking: Sequence[torch.Tenso
         rank = torch.empty(n, dtype=torch.float64)
         rank[s.double().argsort(descending=True, stable=True)] = torch.arange(n, dtype=torch.float64)
         scores.append(float(f) - (rank + 0.5) / n)
-    return select_spec(scores, structure, backbone_config, macs_ratio, round_to=round_to, metadata=metadata)
+    return select_spec(scores, structure, backbone_config, macs_ratio, round_to=round_to, metadata=metadata,
+                       num_classes=num_classes)
 
 
 def kept_fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]:
@@ -267,13 +269,16 @@ def kept_fractions(spec: PruneSpec, structure: PrunableStructure) -> list[float]
 
 
 def candidate_fractions(candidate: MaskCandidate, base: Sequence[torch.Tensor], structure: PrunableStructure,
-                        backbone_config: dict[str, Any], macs_ratio: float) -> list[float]:
+                        backbone_config: dict[str, Any], macs_ratio: float, num_classes: int | None = None) -> list[float]:
     """Per-group keep fractions of ``candidate``'s allocation at budget ``macs_ratio`` (before the threshold);
-    ``base``: the channel scores of ``candidate.base`` (L1 or SynFlow), whose own allocation ``mix`` weighs."""
-    uniform = kept_fractions(select_spec(score_uniform(structure), structure, backbone_config, macs_ratio), structure)
+    ``base``: the channel scores of ``candidate.base`` (L1 or SynFlow), whose own allocation ``mix`` weighs;
+    ``num_classes``: the deployed head the budget is met with."""
+    uniform = kept_fractions(select_spec(score_uniform(structure), structure, backbone_config, macs_ratio,
+                                         num_classes=num_classes), structure)
     fractions = uniform
     if candidate.mix > 0.0:
-        own = kept_fractions(select_spec(base, structure, backbone_config, macs_ratio, normalize=True), structure)
+        own = kept_fractions(select_spec(base, structure, backbone_config, macs_ratio, normalize=True,
+                                         num_classes=num_classes), structure)
         fractions = [candidate.mix * a + (1.0 - candidate.mix) * b for a, b in zip(own, uniform)]
     if candidate.tilt != 0.0:
         last = max(len(fractions) - 1, 1)
@@ -324,9 +329,11 @@ def blend_ranking(*rankings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure: PrunableStructure,
-                    backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1) -> PruneSpec:
+                    backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1,
+                    num_classes: int | None = None) -> PruneSpec:
     """The PruneSpec of ``candidate`` for the probed task at budget ``macs_ratio`` (``round_to``: keep a
-    multiple of this many channels per group)."""
+    multiple of this many channels per group; ``num_classes``: the deployed head the budget is met with, None:
+    the backbone's)."""
     if isinstance(candidate, str):
         candidate = MaskCandidate.parse(candidate)
     if candidate.uses_synflow and probe.synflow is None:
@@ -335,7 +342,8 @@ def build_candidate(candidate: MaskCandidate | str, probe: TaskProbe, structure:
               "separability": probe.separability}
     if candidate.ranking == "blend":
         scores["blend"] = blend_ranking(probe.separability, probe.l1)
-    fractions = candidate_fractions(candidate, scores[candidate.base], structure, backbone_config, macs_ratio)
+    fractions = candidate_fractions(candidate, scores[candidate.base], structure, backbone_config, macs_ratio,
+                                    num_classes)
     ranking = scores[candidate.ranking]
     return spec_for_fractions(fractions, ranking, structure, backbone_config, macs_ratio, round_to,
-                              metadata={"method": "candidate", "candidate": candidate.name})
+                              metadata={"method": "candidate", "candidate": candidate.name}, num_classes=num_classes)

@@ -66,12 +66,13 @@ class OutcomeMaskGenerator(nn.Module):
 
     def build(self, name: str, channel_stats: Sequence[torch.Tensor], structure: PrunableStructure,
               backbone_config: dict[str, Any], macs_ratio: float, round_to: int = 1,
-              synflow: Sequence[torch.Tensor] | None = None) -> PruneSpec:
+              synflow: Sequence[torch.Tensor] | None = None, num_classes: int | None = None) -> PruneSpec:
         """The spec of candidate ``name`` from the summary's channel statistics (log level, log spread, separability)
-        and, for candidates that read them, the backbone's SynFlow scores."""
+        and, for candidates that read them, the backbone's SynFlow scores; the budget is met with a ``num_classes``-way
+        head (None: the backbone's)."""
         probe = TaskProbe(l1=self.l1_scores(), activation=[s[:, 0].double() for s in channel_stats],
                           separability=[s[:, 2].double() for s in channel_stats], features={},
                           synflow=None if synflow is None else [s.double() for s in synflow])
-        spec = build_candidate(name, probe, structure, backbone_config, macs_ratio, round_to)
+        spec = build_candidate(name, probe, structure, backbone_config, macs_ratio, round_to, num_classes)
         spec.metadata = {"method": "stamp", "generator": "outcome", "candidate": name}
         return spec

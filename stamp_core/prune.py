@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from stamp_core.channel_generator import TaskSummary
-from stamp_core.backbones import Backbone, build_backbone_from_config
+from stamp_core.backbones import Backbone, build_backbone_from_config, task_classes
 from stamp_core.pruner import StampPruner, load_weights
 from stamp_core.spec import PruneSpec
 from stamp_core.supervised import TrainConfig, evaluate_accuracy, init_classifier_from_prototypes, train_classifier
@@ -107,7 +107,7 @@ def build_task_model(
     model.load_state_dict(weights.state_dict())
     if spec is not None:
         spec.apply(model)
-    model.reset_classifier(int(y_train.max()) + 1)
+    model.reset_classifier(task_classes(y_train))
     if recalibrate_bn:
         recalibrate_batchnorm(model, x_train)
     init_classifier_from_prototypes(model, x_train, y_train)
@@ -195,7 +195,6 @@ def prune_for_task(
     embedding: TaskSummary | torch.Tensor | None = None,
     recalibrate_bn: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-    num_classes: int | None = None,
 ) -> PruneResult:
     """STAMP's mask for the task ``(x_train, y_train)``, then :func:`prune_and_finetune` on the pruner's weights.
 
@@ -210,13 +209,13 @@ def prune_for_task(
         embedding: task summary override (the mean-embedding ablation).
         recalibrate_bn: recompute BatchNorm statistics on the task's training images.
         on_epoch: called with each fine-tune epoch's record (epoch, loss, accuracy, seconds).
-        num_classes: meet the budget with a head of this many classes (the deployed net's, as `stamp prune`
-            reports it); None: the backbone's own head, as meta-training and the benchmark calibrate today.
+
+    The budget is met by the net returned, whose head has :func:`task_classes` outputs.
     """
     x_train, y_train = pruner.check_images(x_train, y_train)
     t0 = time.perf_counter()
     spec = pruner.generate(x_train, y_train if use_labels else None, macs_ratio=macs_ratio, round_to=round_to,
-                          embedding=embedding, num_classes=num_classes)
+                          embedding=embedding, num_classes=task_classes(y_train))
     generate_seconds = time.perf_counter() - t0
     result = prune_and_finetune(pruner.backbone, spec, x_train, y_train, x_test, y_test, finetune, recalibrate_bn,
                                 on_epoch=on_epoch)

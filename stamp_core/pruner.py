@@ -30,7 +30,7 @@ from stamp_core.groups import ChannelGates, PrunableStructure, analyze_structure
 from stamp_core.mask_generator import TASK_NORMS, MaskGenerator, kumaraswamy_mean
 from stamp_core.outcome_generator import OutcomeMaskGenerator
 from stamp_core.set_encoder import SetEncoder
-from stamp_core.calibration import __version__, calibrate_masks, spec_from_kept
+from stamp_core.calibration import __version__, calibrate_masks, deployed_structure, spec_from_kept
 from stamp_core.spec import PruneSpec
 
 
@@ -381,9 +381,8 @@ class StampPruner(nn.Module):
             round_to: keep a multiple of this many channels per group (hardware-friendly widths).
             embedding: use this task summary (or, for the faithful generator, bare embedding)
                 instead of the one of ``images`` (ablations such as the mean embedding).
-            num_classes: the deployed net's classes (its head is rebuilt for the task); the budget is met with
-                that head. None: the backbone's own head. Not yet applied to the outcome generator, whose
-                candidates are calibrated on the backbone's head (at most ~0.1% over the budget, session 16).
+            num_classes: the deployed net's classes (its head is rebuilt for the task); the budget is met, and
+                the spec's MACs and params counted, with that head. None: the backbone's own head.
         """
         r = _check_ratio(macs_ratio)
         if not isinstance(round_to, int) or round_to < 1:
@@ -397,12 +396,13 @@ class StampPruner(nn.Module):
             if isinstance(self.generator, OutcomeMaskGenerator):
                 summary = self._as_summary(embedding)
                 chosen = self.generator.choose(summary.embedding.double(), r)
-                return self._build_candidates([chosen], summary, r, round_to)[0]
+                return self._build_candidates([chosen], summary, r, round_to, num_classes)[0]
             probs = self.keep_probabilities(embedding, r)
         finally:
             self.train(was_training)
-        kept = calibrate_masks(probs, self.structure, r, round_to, num_classes)
-        return spec_from_kept(kept, self.structure, self.backbone.config, r, self.config.version)
+        deployed = deployed_structure(self.structure, num_classes)
+        kept = calibrate_masks(probs, deployed, r, round_to)
+        return spec_from_kept(kept, deployed, self.backbone.config, r, self.config.version)
 
     @torch.no_grad()
     def propose(
@@ -413,8 +413,10 @@ class StampPruner(nn.Module):
         k: int,
         round_to: int = 1,
         embedding: TaskSummary | torch.Tensor | None = None,
+        num_classes: int | None = None,
     ) -> list[PruneSpec]:
-        """The ``k`` masks the generator ranks best for the task, best first (``generate`` returns the first).
+        """The ``k`` masks the generator ranks best for the task, best first (``generate`` returns the first;
+        arguments as there).
 
         Only the outcome generator ranks whole masks; the others raise ``ValueError``.
         """
@@ -430,17 +432,17 @@ class StampPruner(nn.Module):
         finally:
             self.train(was_training)
         ranked = self.generator.predictor.rank(summary.embedding.double(), r)[:max(1, k)]
-        return self._build_candidates(ranked, summary, r, round_to)
+        return self._build_candidates(ranked, summary, r, round_to, num_classes)
 
     def _build_candidates(self, names: Sequence[str], summary: TaskSummary, macs_ratio: float,
-                          round_to: int) -> list[PruneSpec]:
+                          round_to: int, num_classes: int | None) -> list[PruneSpec]:
         """The outcome generator's candidates ``names`` for a task summary (SynFlow scores once, and only when one of
         them reads them: they depend on the weights alone and cost one pass of a single image)."""
         assert isinstance(self.generator, OutcomeMaskGenerator)
         needs = any(MaskCandidate.parse(name).uses_synflow for name in names)
         synflow = score_synflow(self.backbone, self.structure) if needs else None
         return [self.generator.build(name, summary.channel_stats or [], self.structure, self.backbone.config,
-                                     macs_ratio, round_to, synflow=synflow) for name in names]
+                                     macs_ratio, round_to, synflow=synflow, num_classes=num_classes) for name in names]
 
     @torch.no_grad()
     def mean_embedding(self, tasks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TaskSummary:

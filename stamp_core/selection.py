@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stamp_core.backbones import task_classes
 from stamp_core.prune import prune_and_finetune
 from stamp_core.pruner import StampPruner, TaskSummary
 from stamp_core.spec import PruneSpec
@@ -71,7 +72,7 @@ def select_mask(pruner: StampPruner, x: torch.Tensor, y: torch.Tensor, macs_rati
         raise ValueError(f"k={k!r}: expected a positive number of candidate masks")
     t0 = time.perf_counter()
     x, y = pruner.check_images(x, y)
-    specs = pruner.propose(x, y, macs_ratio, k, round_to, embedding=embedding)
+    specs = pruner.propose(x, y, macs_ratio, k, round_to, embedding=embedding, num_classes=task_classes(y))
     fit, held = selection_split(y, fraction, seed)
     if len(held) == 0:
         raise ValueError("selection needs at least two training images in some class to hold one out")

@@ -61,6 +61,7 @@ from stamp_core import (
     measure_latency,
     prepare_images,
     prune_for_task,
+    task_classes,
     torch_threads,
 )
 from stamp_core.selection import select_mask
@@ -641,7 +642,7 @@ def _load_task(pruner: StampPruner, data: ArrayDataset | str) -> _Task:
     ds = resolve_data(data)
     size, channels = pruner.config.image_size, pruner.backbone.in_channels
     has_test = len(ds.x_test) > 0
-    if int(ds.y_train.max()) + 1 != ds.num_classes:
+    if task_classes(torch.from_numpy(ds.y_train)) != ds.num_classes:
         # prune_for_task sizes the head from the train labels; the exported net must still
         # have one output per class name.
         raise PruneError(
@@ -682,7 +683,6 @@ def _prune_for(pruner: StampPruner, task: _Task, ratio: float, cfg: TrainConfig,
             result = prune_for_task(
                 pruner, task.x_train, task.y_train, task.x_test, task.y_test, macs_ratio=ratio, finetune=cfg,
                 round_to=round_to, embedding=embedding, on_epoch=say.on_epoch,
-                num_classes=int(task.y_train.max()) + 1,  # the head prune_and_finetune builds; _costs counts it
             )
         full_result = None
         if compare_full:

@@ -33,7 +33,7 @@ from pipeline.data import Catalog, load_split_arrays, storage_filesystem
 from pipeline.registry.backbones import load_backbone
 from pipeline.registry.loading import pin_model_uri
 from pipeline.training.driver import load_catalog, resolve_sources, s3_endpoint
-from stamp_core import TrainConfig, analyze_structure, build_backbone_from_config, prepare_images, prune_and_finetune, torch_threads
+from stamp_core import TrainConfig, analyze_structure, build_backbone_from_config, prepare_images, prune_and_finetune, task_classes, torch_threads
 from stamp_core import __version__ as stamp_version
 from stamp_core.candidates import build_candidate, kept_fractions, probe_task
 from stamp_core.groups import score_l1
@@ -170,7 +170,7 @@ def _score_task(cfg: OutcomesConfig, task: OutcomeTask, backbone: dict[str, Any]
         for name in cfg.candidates:
             if all((float(r), name, int(seed)) in done for seed in cfg.seeds):
                 continue
-            spec = build_candidate(name, probe, structure, net.config, r)
+            spec = build_candidate(name, probe, structure, net.config, r, num_classes=task_classes(y))
             for seed in cfg.seeds:
                 if (float(r), name, int(seed)) in done:
                     continue

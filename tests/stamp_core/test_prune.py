@@ -95,10 +95,13 @@ def test_prune_for_task_is_generate_then_the_shared_path(pruner, task) -> None:
     ft = TrainConfig(epochs=1, batch_size=16, seed=5)
     torch.manual_seed(0)
     a = prune_for_task(pruner, x, y, xt, yt, macs_ratio=0.3, finetune=ft)
-    spec = pruner.generate(x, y, macs_ratio=0.3)
+    spec = pruner.generate(x, y, macs_ratio=0.3, num_classes=3)  # the head prune_and_finetune builds
     torch.manual_seed(0)
     b = prune_and_finetune(pruner.backbone, spec, x, y, xt, yt, ft)
     assert a.spec.kept == spec.kept
+    # The spec counts the net returned (3-way head, not the backbone's 6) and meets the budget there.
+    assert (a.spec.macs_pruned, a.spec.params_pruned) == count_macs_params(a.model, SHAPE)
+    assert a.spec.macs_ratio <= 0.3
     assert (a.accuracy_before_finetune, a.accuracy) == (b.accuracy_before_finetune, b.accuracy)
     for (n, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(p, q), n

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import BenchmarkConfig
-from stamp_core import Backbone, PruneSpec, StampPruner, TaskSummary, init_classifier_from_prototypes
+from stamp_core import Backbone, PruneSpec, StampPruner, TaskSummary, init_classifier_from_prototypes, task_classes
 from stamp_core.baselines import BBDConfig, ScoringInput, get_criterion, spec_by_criterion
 
 from pipeline.apps.benchmark.cells import CROSS_PREFIX, BenchmarkError, CellKey
@@ -68,17 +68,19 @@ def obtain_mask(cell: CellKey, ctx: MaskContext) -> MaskResult:
         from pipeline.apps.prune import summarize_sample
 
         embedding, _ = summarize_sample(pruner, xs, ys, cfg.sample_per_class, cell.seed)
-        return MaskResult(pruner.generate(ctx.x, ctx.y, macs_ratio=cell.budget, round_to=cfg.round_to, embedding=embedding), ctx.weights)
+        return MaskResult(pruner.generate(ctx.x, ctx.y, macs_ratio=cell.budget, round_to=cfg.round_to, embedding=embedding,
+                                          num_classes=task_classes(ctx.y)), ctx.weights)
     if method == "stamp_mean":
         if ctx.mean_embedding is None:
             raise BenchmarkError("the mean embedding was not computed (ablation.sources failed to load)")
-        spec = pruner.generate(ctx.x, ctx.y, macs_ratio=cell.budget, round_to=cfg.round_to, embedding=ctx.mean_embedding)
+        spec = pruner.generate(ctx.x, ctx.y, macs_ratio=cell.budget, round_to=cfg.round_to, embedding=ctx.mean_embedding,
+                               num_classes=task_classes(ctx.y))
         return MaskResult(spec, ctx.weights)
     criterion = get_criterion(method)
     # Data-dependent criteria (SNIP, GraSP, BBD) need a head for the target's classes; BBD trains
     # this copy, and the trained copy is what it prunes.
     model = copy.deepcopy(ctx.weights)
-    model.reset_classifier(int(ctx.y.max()) + 1)
+    model.reset_classifier(task_classes(ctx.y))
     init_classifier_from_prototypes(model, ctx.x, ctx.y)
     b = cfg.bbd
     inp = ScoringInput(model, pruner.structure, ctx.x, ctx.y, cell.budget, seed=cell.seed, score_batch=cfg.score_batch,

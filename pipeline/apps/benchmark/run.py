@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import BenchmarkConfig, BenchmarkModel, BenchmarkTarget
 from pipeline.data import ArrayDataset
-from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune, torch_threads
+from stamp_core import Backbone, StampPruner, TaskSummary, TrainConfig, build_backbone_from_config, count_macs_params, measure_latency, prepare_images, prune_and_finetune, task_classes, torch_threads
 
 from pipeline.apps.benchmark.cells import (
     CROSS_PREFIX,
@@ -260,7 +260,7 @@ def _run_cell(cell: CellKey, cfg: BenchmarkConfig, m: _Model, target: _Target,
         "method_train_seconds": mask.train_seconds, "build_seconds": result.prune_seconds,
         "finetune_seconds": result.finetune_seconds,
         "total_seconds": mask_seconds + result.prune_seconds + result.finetune_seconds,
-        "n_train": len(x), "n_test": len(x_test), "num_classes": int(y.max()) + 1,
+        "n_train": len(x), "n_test": len(x_test), "num_classes": task_classes(y),
     }
     return row, (mask.spec.kept if mask.spec is not None else None)
 
