@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _tasks import FAMILIES, cross_evaluate, held_out_task, l1_accuracy, make_episode, two_family_backbone
-from stamp_core import MetaConfig, StampPruner, layer_es_surrogate, make_optimizer, meta_batch_loss, meta_train_step, torch_threads
+from stamp_core import MetaConfig, StampPruner, layer_es_surrogate, make_optimizer, meta_batch_loss, meta_train_step
 
 
 def _episode(seed: int = 0, ratio: float = 0.3):
@@ -72,15 +72,6 @@ CROSS_RATIO = 0.1
 #: own mask minus the other family's mask and minus the mean-summary mask, each averaged over the
 #: two families (points of test accuracy); see the test's docstring for why 3.
 MARGIN = 3.0
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Every test here on one intra-op thread: the cross-evaluation's accuracies depend on the reduction order
-    (2 threads moved own − start from +1.5 to −3.0 points), so a test run must not inherit a count from
-    whatever ran before it."""
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def backbone_of_two_families():
     torch.manual_seed(0)
@@ -102,7 +93,7 @@ def test_own_masks_beat_other_tasks_masks_after_the_same_fine_tune(backbone_of_t
     other family's task and the mask of the mean summary (the mean-embedding ablation).
 
     Channel generator, deployed objective, 100 episodes, r=0.1, 240 test images per family, one thread
-    (the module's fixture). This test measured own / other / mean: colour 99.6 / 75.2 / 77.5, orientation
+    (tests/stamp_core/conftest.py). This test measured own / other / mean: colour 99.6 / 75.2 / 77.5, orientation
     77.7 / 71.7 / 64.0, i.e. own − other +15.2 and own − mean +17.9 averaged over families.
 
     How often this holds: ``bench_cross_evaluation --seeds 0 1 2 3 4 --ratio 0.1 --threads 1`` (backbone and
