@@ -10,8 +10,8 @@ CLI's progress line).
 from __future__ import annotations
 
 import fnmatch
+
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,31 +99,11 @@ def pin_locations(cfg: MetaTrainConfig | PretrainConfig, catalog_url: str) -> No
             cfg.mlflow.tracking_uri = uri
 
 
-#: Ray Train's controller reads its polling interval from this variable, which Ray propagates from the driver.
-POLL_INTERVAL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-@contextmanager
-def _poll_interval(seconds: float) -> Iterator[None]:
-    """The driver's environment while a trainer starts its controller: ``scaling.poll_interval_s``, then as before."""
-    previous = os.environ.get(POLL_INTERVAL_VAR)
-    os.environ[POLL_INTERVAL_VAR] = repr(float(seconds))
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(POLL_INTERVAL_VAR, None)
-        else:
-            os.environ[POLL_INTERVAL_VAR] = previous
-
-
 def fit(trainer: Any, cfg: MetaTrainConfig | PretrainConfig, run_id: str | None, what: str) -> Any:
-    """``trainer.fit()`` with the config's poll interval; close the MLflow run either way; the result must hold a
-    checkpoint."""
+    """``trainer.fit()``; close the MLflow run either way; the result must hold a checkpoint."""
     ok = False
     try:
-        with _poll_interval(cfg.scaling.poll_interval_s):
-            result = trainer.fit()
+        result = trainer.fit()
         ok = result.error is None
     finally:
         end_mlflow_run(cfg, run_id, ok)

@@ -1,15 +1,13 @@
-"""Tests for pipeline.training.driver: which config locations travel to other Ray nodes, what fit() hands Ray."""
+"""Tests for pipeline.training.driver: which config locations travel to other Ray nodes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.training.driver import (POLL_INTERVAL_VAR, check_locations_reach_every_node, fit, node_local_locations,
-                                     scaling_config, torch_config)
+from pipeline.training.driver import check_locations_reach_every_node, node_local_locations, scaling_config, torch_config
 from tests.pipeline.training._jobs import tiny_meta_config
 
 S3 = {"storage_path": "s3://b/ray", "mlflow": {"enabled": True, "tracking_uri": "http://127.0.0.1:5000"}}
@@ -93,37 +91,3 @@ def test_a_source_pattern_is_a_valid_config_and_a_bad_one_is_not(tmp_path: Path)
     assert tiny_meta_config(str(tmp_path / "c.json"), data={"sources": ["tin-*", "mnist-c0-?"]}).data.sources == ["tin-*", "mnist-c0-?"]
     with pytest.raises(Exception, match="dataset name or pattern"):
         tiny_meta_config(str(tmp_path / "c.json"), data={"sources": ["../*"]})
-
-
-def _report_poll_interval(config: dict) -> None:
-    """A train loop that reports the poll interval the worker received (from the controller, which got it from
-    the driver) and a checkpoint, as our loops do."""
-    import tempfile
-
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "state.json").write_text("{}")
-        ray.train.report({"poll": float(os.environ.get(POLL_INTERVAL_VAR, "nan"))},
-                         checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-@pytest.mark.integration
-def test_fit_hands_the_configured_poll_interval_to_ray_train_and_restores_the_driver_env(
-        ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray's default poll (2 s) kept each run ~4 s past its last report; the config's 0.5 s must reach the
-    controller, which passes it on to the workers, and the driver's environment must be as it was after."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    monkeypatch.setenv(POLL_INTERVAL_VAR, "7")  # a user's own setting, restored after the run
-    cfg = tiny_meta_config("s3://b/datasets/catalog.json", storage_path=str(tmp_path / "ray"),
-                           scaling={"poll_interval_s": 0.25})
-    trainer = TorchTrainer(_report_poll_interval, scaling_config=ScalingConfig(num_workers=1),
-                           run_config=RunConfig(name="poll", storage_path=str(tmp_path / "ray")))
-    result = fit(trainer, cfg, None, "poll check")
-    assert result.metrics["poll"] == 0.25
-    assert os.environ[POLL_INTERVAL_VAR] == "7"
-    assert tiny_meta_config("s3://b/c.json").scaling.poll_interval_s == 0.5  # the default
-    with pytest.raises(ValueError, match="poll_interval_s"):
-        tiny_meta_config("s3://b/c.json", scaling={"poll_interval_s": 0})
