@@ -32,6 +32,8 @@ class PruneSpec:
     input_shape: tuple[int, int, int]  #: (C, H, W) the MACs below refer to
     kept: dict[str, list[int]]  #: group root name -> sorted kept channel indices
     group_sizes: dict[str, int]  #: group root name -> channels in the full network
+    #: MACs of the full and the pruned net (one image) with the head the spec was calibrated for: the task's
+    #: when the caller gave its class count (``stamp prune``, the benchmark), else ``backbone``'s own
     macs_full: int
     macs_pruned: int
     params_full: int = 0
