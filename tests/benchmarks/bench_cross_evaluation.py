@@ -4,7 +4,8 @@ synthetic families that need different channels (hue vs orientation, tests/stamp
 Per configuration (generator, objective, seed, budget): pretrain small_cnn (width 16) on both
 families' 12 classes, meta-train a fresh pruner on episodes of both, then for a held-out task of each
 family fine-tune (2 epochs, 2 fine-tune seeds) the nets pruned with the task's own mask, the other
-family's mask and the mean summary's mask; the same for an untrained pruner (whose mask is L1's).
+family's mask and the mean summary's mask; the same for an untrained pruner (whose mask is L1's), and the
+benchmark's mean-normalised L1 mask (``l1``).
 The cross-evaluation test in tests/stamp_core/test_meta.py is one such configuration.
 
 Run from the repository root:
@@ -22,7 +23,7 @@ import time
 import torch
 
 from stamp_core import MetaConfig, StampPruner, make_optimizer, meta_train_step
-from tests.stamp_core._tasks import FAMILIES, cross_evaluate, held_out_task, make_episode, two_family_backbone
+from tests.stamp_core._tasks import FAMILIES, cross_evaluate, held_out_task, l1_accuracy, make_episode, two_family_backbone
 
 def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, macs_weight: float | None = None,
         gradient: str = "plain") -> dict:
@@ -47,7 +48,8 @@ def run(generator: str, objective: str, seed: int, episodes: int, ratio: float, 
         return {f: {k: round(v, 1) for k, v in a.items()} for f, a in acc.items()}
 
     return {"generator": generator, "objective": objective, "seed": seed, "episodes": episodes, "ratio": ratio, "macs_weight": macs_weight, "gradient": gradient,
-            "train_seconds": round(train_seconds, 1), "trained": scores(pruner), "untrained": scores(untrained)}
+            "train_seconds": round(train_seconds, 1), "trained": scores(pruner), "untrained": scores(untrained),
+            "l1": {f: round(v, 1) for f, v in l1_accuracy(pruner.backbone, tasks, ratio).items()}}
 
 
 def main() -> None:
