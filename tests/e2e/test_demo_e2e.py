@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._listeners import is_loopback, watch_listeners
+
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 #: A line of Ray's or MLflow's own logging: worker output Ray forwards ("(RayTrainWorker pid=12)"),
@@ -22,19 +24,34 @@ LIBRARY_LINE = re.compile(
 @pytest.mark.timeout(1200)  # the subprocess's own limit; the suite's 600 s is too short on a loaded 2-core box
 def test_quick_demo_end_to_end(seaweedfs, s3_bucket, mlflow_server, tmp_path) -> None:
     """`stamp demo --quick` as a user runs it: a separate process with its own local Ray (so no
-    actor or placement group can outlive it into other tests), against the real S3 and MLflow."""
+    actor or placement group can outlive it into other tests), against the real S3 and MLflow.
+
+    It also checks that a run without a cluster address listens on loopback only: the local Ray of
+    :func:`pipeline.stack.init_ray` and the train workers' process group
+    (:class:`pipeline.training.rendezvous.LoopbackTorchConfig`), sampled while the demo runs."""
     from stamp_core import PruneSpec, build_backbone, count_macs_params
 
     model_name = f"demo-e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(STAMP_BUCKET=s3_bucket, STAMP_HOME=str(tmp_path / "home"))
-    # One stream, in the order a user reads it on the terminal (progress on 2, results on 1).
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.apps.cli", "demo", "--quick", "--out", str(tmp_path / "out"), "--model-name", model_name],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
-    )
-    shown = done.stdout
-    assert done.returncode == 0, shown[-6000:]
+    # One stream, in the order a user reads it on the terminal (progress on 2, results on 1), into a file: a
+    # pipe nobody reads while the demo runs would fill and stall it. Meanwhile every listening socket of the
+    # demo's process tree (its local Ray: GCS, raylet, agents, train workers with the TCPStore and gloo) is
+    # sampled: a run without a cluster address must listen on loopback only.
+    stream = tmp_path / "demo-output.txt"
+    with stream.open("w") as sink:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.apps.cli", "demo", "--quick", "--out", str(tmp_path / "out"),
+             "--model-name", model_name],
+            env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+        )
+        seen = watch_listeners(demo, timeout=1200)
+    shown = stream.read_text()
+    assert demo.returncode == 0, shown[-6000:]
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), names
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
     result = json.loads((tmp_path / "out" / "demo_result.json").read_text())
     assert "top-1" in shown and "stage times" in shown  # the table was printed
     report, full, stages = result["report"], result["full"], result["stages"]
