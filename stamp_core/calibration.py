@@ -54,12 +54,11 @@ def calibrate_masks(
     structure: PrunableStructure,
     macs_ratio: float,
     round_to: int = 1,
-    num_classes: int | None = None,
 ) -> list[list[int]]:
     """Kept channel indices per group for the largest global top-M whose MACs fit the budget.
 
-    ``num_classes``: count the classifier with this many outputs (the deployed net's head for a task) instead of
-    the backbone's own, so the budget holds for the net the task runs.
+    ``structure`` is the cost model the budget holds for: pass :func:`deployed_structure` of the backbone's for the
+    net a task deploys (its head rebuilt for the task's classes).
 
     Channels are ranked by keep probability across all groups (ties: by relative position in
     their group, so equal scores prune groups evenly). Taking the top M of that ranking is one
@@ -67,7 +66,6 @@ def calibrate_masks(
     Without rounding, the channels ranked after M that still fit are then added in rank order.
     Every group keeps at least one channel (``round_to`` of them when rounding).
     """
-    structure = deployed_structure(structure, num_classes)
     sizes = [len(p) for p in probs]
     scores = torch.cat([p.detach().double().flatten().cpu() for p in probs]).numpy()
     group_of = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])

@@ -1,4 +1,4 @@
-"""Which sockets a process tree listens on: the loopback-only checks of local runs (e2e demo, rendezvous)."""
+"""Which sockets a process tree listens on: the loopback-only check of a local run (tests/e2e/test_demo_e2e.py)."""
 
 from __future__ import annotations
 
